@@ -1,0 +1,29 @@
+# The README's two commands. Both build .venv from scratch when it is missing and refresh it
+# when pyproject.toml or constraints.txt change.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	# constraints.txt pins every transitive package: a fresh install resolves in seconds.
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	# torchattacks declares requests~=2.25.1 (conflicts with mlflow/ray) but never imports it.
+	$(PY) -m pip install -q --no-deps torchattacks==3.5.1
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/robust-study demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/robust-study bench layers
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,284 @@
+"""Kernel-based Activation Function (KAF), Gaussian kernel, one function per channel.
+
+References:
+    S. Scardapane, S. Van Vaerenbergh, S. Totaro, A. Uncini, "Kafnets: kernel-based non-parametric
+    activation functions for neural networks", Neural Networks 2019.
+    Seed thesis: "Robustness of deep neural networks using trainable activation functions".
+
+g_c(s) = sum_i alpha[c, i] * exp(-gamma * (s - d_i)^2) over a dictionary d of D points equally
+spaced on [-boundary, boundary]. The naive broadcast keeps an (N, C, *spatial, D) tensor alive for
+backward (20x the activation at D=20); :class:`KernelActivation` instead runs a custom autograd
+Function that saves only the input and the (small) parameters and recomputes the Gaussian terms
+in backward, chunked over the dictionary so the transient memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BANDWIDTH_RULES",
+    "INITS",
+    "RANDOM_INIT_STD",
+    "RIDGE_LAMBDA",
+    "KernelActivation",
+    "kaf_bandwidth",
+    "kaf_lean",
+    "kaf_naive",
+]
+
+#: Bandwidth rules: gamma = 1 / (factor * spacing^2). "thesis" follows Kafnets / the seed thesis,
+#: "reference" the public code (Gaussian sigma = 2 * spacing -> 1 / (2 sigma^2) = 1 / (8 spacing^2)).
+BANDWIDTH_RULES: dict[str, float] = {"thesis": 6.0, "reference": 8.0}
+
+#: Initialisations of alpha: random normal, or kernel ridge regression onto a known activation.
+INITS: tuple[str, ...] = ("random", "relu", "elu", "swish")
+
+#: Std of the random alpha init. DEFENSES.md reports 0.3-0.8 across reference versions; the low
+#: end keeps the initial activation close to the identity-scale of ReLU/ELU, so deep stacks start
+#: with tamer gradients (the thesis' deep KAF ResNet diverged).
+RANDOM_INIT_STD: float = 0.3
+
+#: Ridge regulariser of the kernel regression init, added on the diagonal only (an old reference
+#: version added it to every entry of K, which is a different and badly conditioned system).
+RIDGE_LAMBDA: float = 1e-4
+
+# Upper bound on elements of the transient (N, C, M, chunk) tensors in the lean Function (16 MB in
+# float32): CPU benchmarks were fastest around this size (cache-friendly), and it bounds the extra
+# memory independently of D (at least one dictionary point per chunk).
+_CHUNK_ELEMENTS: int = 1 << 22
+
+
+def kaf_bandwidth(dictionary_size: int, boundary: float, rule: str = "thesis") -> float:
+    """Kernel bandwidth gamma for an equally spaced dictionary.
+
+    Args:
+        dictionary_size: number D >= 2 of dictionary points.
+        boundary: the dictionary spans [-boundary, boundary]; must be > 0.
+        rule: "thesis" (gamma = 1/(6 spacing^2), Scardapane et al.) or "reference"
+            (gamma = 1/(8 spacing^2), public reference code).
+
+    Returns:
+        gamma as a Python float.
+    """
+    if rule not in BANDWIDTH_RULES:
+        raise ValueError(f"bandwidth={rule!r} must be one of {sorted(BANDWIDTH_RULES)}")
+    spacing = 2.0 * boundary / (dictionary_size - 1)
+    return 1.0 / (BANDWIDTH_RULES[rule] * spacing**2)
+
+
+def _target_activation(name: str, s: Tensor) -> Tensor:
+    if name == "relu":
+        return torch.relu(s)
+    if name == "elu":
+        return nn.functional.elu(s)
+    if name == "swish":
+        return s * torch.sigmoid(s)
+    raise ValueError(f"init={name!r} must be one of {list(INITS)}")
+
+
+def _ridge_alpha(name: str, dictionary: Tensor, gamma: float, lam: float = RIDGE_LAMBDA) -> Tensor:
+    """alpha = (K + lam*I)^-1 f(d): the KAF that interpolates activation f on the dictionary."""
+    d = dictionary.detach().to(torch.float64)
+    kernel = torch.exp(-gamma * (d.unsqueeze(1) - d.unsqueeze(0)).square())
+    eye = torch.eye(d.numel(), dtype=torch.float64, device=d.device)
+    return torch.linalg.solve(kernel + lam * eye, _target_activation(name, d))
+
+
+def kaf_naive(x: Tensor, alpha: Tensor, dictionary: Tensor, gamma: Tensor | float) -> Tensor:
+    """Reference KAF by plain broadcasting (autograd saves the full Gaussian tensor).
+
+    Kept as the ground truth for tests and benchmarks of :func:`kaf_lean`.
+
+    Shape:
+        x: (N, C, *) with the channel axis 1; alpha: (C, D); dictionary: (D,); gamma: scalar.
+        Output: same shape as x.
+    """
+    view = (1, alpha.shape[0]) + (1,) * (x.dim() - 2) + (alpha.shape[1],)
+    gauss = torch.exp(-gamma * (x.unsqueeze(-1) - dictionary).square())
+    return (gauss * alpha.view(view)).sum(-1)
+
+
+def _chunk_size(numel: int, dict_size: int) -> int:
+    return max(1, min(dict_size, _CHUNK_ELEMENTS // max(numel, 1)))
+
+
+class _KafFunction(torch.autograd.Function):
+    """Gaussian KAF that saves only (x, alpha, dictionary, gamma) for backward.
+
+    Inside both passes x is viewed as (N, C, M) and the dictionary is processed in chunks of size
+    Dc, so the largest transient is (N, C, M, Dc). The per-channel reduction over dictionary points
+    is a batched matmul over (N, C), which avoids transposing x.
+
+    The backward is written with differentiable torch ops and is not marked once_differentiable,
+    so double backward (e.g. gradient penalties) works by autograd through the recomputation.
+    forward/setup_context are separate so torch.func transforms (grad, vmap) work too.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, alpha: Tensor, dictionary: Tensor, gamma: Tensor) -> Tensor:  # type: ignore[override]
+        n, c = x.shape[0], x.shape[1]
+        xv = x.reshape(n, c, math.prod(x.shape[2:]), 1)
+        out = torch.zeros_like(xv)
+        step = _chunk_size(xv.numel(), dictionary.numel())
+        for start in range(0, dictionary.numel(), step):
+            sl = slice(start, start + step)
+            gauss = torch.exp(-gamma * (xv - dictionary[sl]).square())
+            out = out + gauss @ alpha[:, sl].unsqueeze(-1)
+        return out.view(x.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:  # type: ignore[override]
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, alpha, dictionary, gamma = ctx.saved_tensors
+        need_x, need_alpha, need_dict, need_gamma = ctx.needs_input_grad[:4]
+        n, c = x.shape[0], x.shape[1]
+        xv = x.reshape(n, c, math.prod(x.shape[2:]), 1)
+        g = grad_out.reshape(n, c, 1, math.prod(x.shape[2:]))  # row vector per (n, c): g @ T sums T over the M axis
+        grad_x = torch.zeros_like(xv) if need_x else None
+        grad_alpha = torch.zeros_like(alpha) if need_alpha else None
+        grad_dict = torch.zeros_like(dictionary) if need_dict else None
+        grad_gamma = torch.zeros_like(gamma) if need_gamma else None
+        step = _chunk_size(xv.numel(), dictionary.numel())
+        for start in range(0, dictionary.numel(), step):
+            sl = slice(start, start + step)
+            a = alpha[:, sl]
+            diff = xv - dictionary[sl]
+            gauss = torch.exp(-gamma * diff.square())
+            if need_alpha:
+                # dL/dalpha[c,i] = sum_{n,m} g * gauss_i
+                grad_alpha[:, sl] = (g @ gauss).sum(0).squeeze(-2)
+            if not (need_x or need_dict or need_gamma):
+                continue
+            gd = gauss * diff  # d gauss_i / d x = -2 gamma * gauss_i * diff_i
+            if need_x:
+                grad_x = grad_x + gd @ a.unsqueeze(-1)
+            if need_dict:
+                # d/d d_i = +2 gamma * alpha[c,i] * gauss_i * diff_i
+                grad_dict[sl] = (a * (g @ gd).sum(0).squeeze(-2)).sum(0)
+            if need_gamma:
+                # d/d gamma = -alpha[c,i] * gauss_i * diff_i^2
+                grad_gamma = grad_gamma - (a * (g @ (gd * diff)).sum(0).squeeze(-2)).sum()
+        if need_x:
+            grad_x = (-2.0 * gamma) * grad_x.view(x.shape) * grad_out
+        if need_dict:
+            grad_dict = (2.0 * gamma) * grad_dict
+        return grad_x, grad_alpha, grad_dict, grad_gamma
+
+
+def kaf_lean(x: Tensor, alpha: Tensor, dictionary: Tensor, gamma: Tensor) -> Tensor:
+    """Memory-lean Gaussian KAF: same values and gradients as :func:`kaf_naive`.
+
+    Saves only its inputs for backward and recomputes the Gaussian terms there.
+
+    Shape:
+        x: (N, C, *) with the channel axis 1; alpha: (C, D); dictionary: (D,); gamma: 0-dim tensor.
+        Output: same shape as x.
+    """
+    return _KafFunction.apply(x, alpha, dictionary, gamma)
+
+
+class KernelActivation(nn.Module):
+    """Gaussian kernel activation function, one learnable function per channel (KAF).
+
+    Scardapane et al., "Kafnets: kernel-based non-parametric activation functions for neural
+    networks"; used for robustness in the seed thesis "Robustness of deep neural networks using
+    trainable activation functions" (KAF, KAF_ELU/KAF_Swish = ridge init, KAF_Free = trainable
+    dictionary and bandwidth).
+
+    g_c(s) = sum_i alpha[c, i] * exp(-gamma * (s - d_i)^2).
+
+    Args:
+        channels: number of channels C (axis 1 of the input); each has its own alpha row.
+        dictionary_size: number D >= 2 of dictionary points, equally spaced on [-boundary, boundary].
+        boundary: half-width of the dictionary range, > 0 (reference code uses 3 or 4).
+        bandwidth: "thesis" (gamma = 1/(6 spacing^2)) or "reference" (gamma = 1/(8 spacing^2)).
+        init: "random" (alpha ~ N(0, RANDOM_INIT_STD^2) = N(0, 0.3^2)) or "relu" / "elu" /
+            "swish": kernel ridge regression alpha = (K + 1e-4 I)^-1 f(d), same row for every
+            channel, so the KAF starts as (approximately) that activation.
+        trainable_dictionary: also train the dictionary points and gamma ("KAF_Free"). Nothing
+            keeps gamma positive while training; a divergent trial shows up as NaN/inf loss.
+
+    Attributes:
+        alpha: Parameter (C, D).
+        dictionary: (D,) buffer, or Parameter when trainable_dictionary.
+        gamma: 0-dim buffer, or Parameter when trainable_dictionary.
+
+    Shape:
+        Input: (N, C) or (N, C, H, W) (any (N, C, *)). Output: same shape.
+
+    Examples::
+
+        >>> act = KernelActivation(64, dictionary_size=20, init="swish")
+        >>> y = act(torch.randn(8, 64, 16, 16))
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        dictionary_size: int = 20,
+        boundary: float = 3.0,
+        bandwidth: str = "thesis",
+        init: str = "random",
+        trainable_dictionary: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels={channels!r} must be an integer >= 1")
+        if isinstance(dictionary_size, bool) or not isinstance(dictionary_size, int) or dictionary_size < 2:
+            raise ValueError(f"dictionary_size={dictionary_size!r} must be an integer >= 2")
+        if not (isinstance(boundary, (int, float)) and math.isfinite(boundary) and boundary > 0):
+            raise ValueError(f"boundary={boundary!r} must be a finite number > 0")
+        if bandwidth not in BANDWIDTH_RULES:
+            raise ValueError(f"bandwidth={bandwidth!r} must be one of {sorted(BANDWIDTH_RULES)}")
+        if init not in INITS:
+            raise ValueError(f"init={init!r} must be one of {list(INITS)}")
+        self.channels = channels
+        self.dictionary_size = dictionary_size
+        self.boundary = float(boundary)
+        self.bandwidth = bandwidth
+        self.init = init
+        self.trainable_dictionary = bool(trainable_dictionary)
+
+        dictionary = torch.linspace(-self.boundary, self.boundary, dictionary_size)
+        gamma = torch.tensor(kaf_bandwidth(dictionary_size, self.boundary, bandwidth))
+        if self.trainable_dictionary:
+            self.dictionary = nn.Parameter(dictionary)
+            self.gamma = nn.Parameter(gamma)
+        else:
+            self.register_buffer("dictionary", dictionary)
+            self.register_buffer("gamma", gamma)
+        self.alpha = nn.Parameter(torch.empty(channels, dictionary_size))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise alpha according to ``init`` for the current dictionary and gamma."""
+        if self.init == "random":
+            nn.init.normal_(self.alpha, mean=0.0, std=RANDOM_INIT_STD)
+        else:
+            row = _ridge_alpha(self.init, self.dictionary, float(self.gamma))
+            self.alpha.copy_(row.to(self.alpha).expand_as(self.alpha))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"input shape {tuple(x.shape)} must be (N, {self.channels}, *): "
+                f"KernelActivation was built for channels={self.channels}"
+            )
+        return kaf_lean(x, self.alpha, self.dictionary, self.gamma)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, dictionary_size={self.dictionary_size}, "
+            f"boundary={self.boundary}, bandwidth={self.bandwidth!r}, init={self.init!r}, "
+            f"trainable_dictionary={self.trainable_dictionary}"
+        )

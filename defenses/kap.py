@@ -1,0 +1,242 @@
+"""Kernel Average Pool (KAP) and Kernel Max Pool: pooling along the channel ("kernel") axis.
+
+Reference:
+    P. Bashivan, A. Ibrahim, A. Dehghani, Y. Ren, "Learning robust kernel ensembles with kernel
+    average pooling" (KAP). Eq. 2: z_bar[i, k] = (1/K) * sum_{l = S*k - (K-1)/2}^{S*k + (K-1)/2} z[i, l],
+    a mean filter of size K and stride S along the channels, applied independently at every spatial
+    position; Alg. 1 zero-pads the channel axis and average-pools.
+
+The pooling runs as ``avg_pool2d`` / ``avg_pool3d`` (or the max variants) on a reshaped view of the
+input, so it costs one pooling pass, copies nothing for odd kernel sizes and saves nothing for
+backward beyond what PyTorch pooling itself keeps (max indices in "max" mode).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "KAP_DIMS",
+    "KAP_MODES",
+    "KernelAveragePool",
+    "channel_grid",
+    "kap_out_channels",
+    "kap_width_factor",
+]
+
+KAP_DIMS: tuple[int, ...] = (1, 2)
+KAP_MODES: tuple[str, ...] = ("avg", "max")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def _check_dims(dims: object) -> None:
+    if isinstance(dims, bool) or not isinstance(dims, int) or dims not in KAP_DIMS:
+        raise ValueError(f"dims={dims!r} must be one of {list(KAP_DIMS)}")
+
+
+def _check_stride(stride: object) -> None:
+    _check_int("stride", stride, 1)
+
+
+def channel_grid(channels: int) -> tuple[int, int]:
+    """Grid (rows, cols) on which 2D KAP lays out the channels, row-major.
+
+    rows = the largest divisor of ``channels`` that is <= sqrt(channels), cols = channels / rows,
+    so channel ``i * cols + j`` sits at grid cell (i, j). Prime channel counts give a 1 x C grid.
+
+    Args:
+        channels: number of channels, >= 1.
+
+    Returns:
+        (rows, cols) with rows * cols == channels and rows <= cols.
+    """
+    _check_int("channels", channels, 1)
+    rows = math.isqrt(channels)
+    while channels % rows:
+        rows -= 1
+    return rows, channels // rows
+
+
+def kap_width_factor(stride: int, dims: int) -> int:
+    """Factor by which the conv before a strided KAP must be widened to keep its channel count.
+
+    KAP with stride S divides the channels by S (1D) or S^2 (2D); Bashivan et al. (appendix A.3)
+    widen the network by the same factor so each layer keeps the same number of kernel ensembles.
+
+    Args:
+        stride: KAP stride S >= 1.
+        dims: 1 or 2.
+
+    Returns:
+        S for dims=1, S**2 for dims=2.
+    """
+    _check_stride(stride)
+    _check_dims(dims)
+    return stride if dims == 1 else stride**2
+
+
+def kap_out_channels(in_channels: int, stride: int = 1, dims: int = 2) -> int:
+    """Number of channels KAP produces from ``in_channels`` (independent of the kernel size).
+
+    The channel axis (1D) or each grid axis (2D) is padded by K-1 in total, so an axis of length L
+    yields ceil(L / S) windows. 2D with S > 1 requires both grid sides to be divisible by S, so the
+    output is exactly in_channels / S^2 and a widened layer (see :func:`kap_width_factor`) maps back
+    to the intended width.
+
+    Raises:
+        ValueError: bad arguments, or a 2D grid whose sides are not divisible by the stride.
+    """
+    _check_int("in_channels", in_channels, 1)
+    _check_stride(stride)
+    _check_dims(dims)
+    if dims == 1:
+        return -(-in_channels // stride)
+    rows, cols = channel_grid(in_channels)
+    if rows % stride or cols % stride:
+        raise ValueError(
+            f"in_channels={in_channels} lies on a {rows}x{cols} channel grid whose sides are not both "
+            f"divisible by stride={stride}; 2D KAP with stride > 1 needs in_channels = "
+            f"stride^2 * (target channels) with a divisible grid, e.g. in_channels={stride**2 * 64}"
+        )
+    return (rows // stride) * (cols // stride)
+
+
+def _real_counts(length: int, kernel_size: int, stride: int, left: int, out_len: int) -> Tensor:
+    """Number of real (non-padding) positions in each window along one padded axis."""
+    starts = torch.arange(out_len) * stride - left
+    ends = starts + kernel_size  # exclusive
+    return (ends.clamp(max=length) - starts.clamp(min=0)).to(torch.float64)
+
+
+class KernelAveragePool(nn.Module):
+    """Kernel Average Pool / Kernel Max Pool along the channel axis (Bashivan et al., KAP).
+
+    Every output channel is the mean (or max) of a window of K neighbouring input channels, taken
+    independently at each spatial position; neighbouring channels thus form a kernel ensemble.
+
+    - dims=1: window of K channels, stride S. The channel axis is zero-padded by K-1 in total
+      (floor((K-1)/2) before, the rest after), so output channel c (odd K, S=1) is the mean of input
+      channels c-(K-1)/2 .. c+(K-1)/2, and C channels become ceil(C/S).
+    - dims=2: the C channels are laid row-major on an r x c grid (:func:`channel_grid`) and pooled
+      with a K x K window and stride S per grid axis (same padding rule per axis); output channels
+      = (r/S) * (c/S). With S > 1 both grid sides must be divisible by S (checked in forward and
+      :meth:`out_channels`, ValueError otherwise).
+
+    Edge windows contain padding. ``count_include_pad=True`` divides them by K (K^2 in 2D), as the
+    paper's Alg. 1; ``False`` divides by the number of real channels, as the authors' lab code.
+    ``mode="max"`` (Kernel Max Pool) pads with -inf, so padding never wins.
+
+    Even kernel sizes need one padded copy of the input (PyTorch pools pad symmetrically, the rule
+    above is asymmetric for even K), as do grid axes shorter than K; otherwise (odd K, the usual
+    case) pooling runs directly on a view.
+
+    Args:
+        kernel_size: window size K >= 1 (K x K in 2D).
+        stride: stride S with 1 <= S <= K. S = K gives disjoint ensembles; S > 1 shrinks the channels
+            by S (1D) or S^2 (2D), see :func:`kap_width_factor` to widen the preceding conv.
+        dims: 1 or 2.
+        mode: "avg" (KAP) or "max" (Kernel Max Pool).
+        count_include_pad: divisor of edge windows in "avg" mode (see above); ignored for "max".
+
+    Shape:
+        Input: (N, C, H, W) (any (N, C, *), including (N, C)). Output: (N, C_out, H, W) with
+        C_out = :meth:`out_channels` (C). Values of any real dtype, on any device.
+
+    Examples::
+
+        >>> kap = KernelAveragePool(kernel_size=3, stride=1, dims=2)
+        >>> kap(torch.randn(8, 64, 32, 32)).shape
+        torch.Size([8, 64, 32, 32])
+        >>> KernelAveragePool(kernel_size=2, stride=2, dims=2).out_channels(256)
+        64
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dims: int = 2,
+        mode: str = "avg",
+        count_include_pad: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_int("kernel_size", kernel_size, 1)
+        _check_stride(stride)
+        if stride > kernel_size:
+            raise ValueError(
+                f"stride={stride} must be in [1, kernel_size={kernel_size}]: a larger stride "
+                f"would skip channels entirely"
+            )
+        _check_dims(dims)
+        if mode not in KAP_MODES:
+            raise ValueError(f"mode={mode!r} must be one of {list(KAP_MODES)}")
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dims = dims
+        self.mode = mode
+        self.count_include_pad = bool(count_include_pad)
+        # Padding before each pooled axis; the remaining K-1-left goes after it.
+        self._left = (kernel_size - 1) // 2
+        self._right = kernel_size - 1 - self._left
+
+    def out_channels(self, in_channels: int) -> int:
+        """Output channel count for ``in_channels`` input channels (see :func:`kap_out_channels`)."""
+        return kap_out_channels(in_channels, self.stride, self.dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"input shape {tuple(x.shape)} must be (N, C, *) with a channel axis 1")
+        n, channels = x.shape[0], x.shape[1]
+        spatial = x.shape[2:]
+        self.out_channels(channels)  # validates the grid/stride combination with a clear message
+        if self.dims == 1:
+            axes: tuple[int, ...] = (channels,)
+            # (N, 1, C, M): the channel axis becomes a pooled "spatial" axis of a 1-channel image.
+            view = x.reshape(n, 1, channels, math.prod(spatial))
+        else:
+            axes = channel_grid(channels)
+            view = x.reshape(n, 1, axes[0], axes[1], math.prod(spatial))
+        k, s, nd = self.kernel_size, self.stride, len(axes)
+        kernel = (k,) * nd + (1,)
+        stride = (s,) * nd + (1,)
+        # Pool with PyTorch's own (symmetric) padding when possible; otherwise pad explicitly:
+        # for even K (asymmetric rule) and for axes shorter than K (3D pooling rejects those).
+        symmetric = self._left == self._right and min(axes) >= k
+        if not symmetric:
+            # F.pad lists (before, after) pairs starting from the last axis (M is never padded).
+            fill = 0.0 if self.mode == "avg" else float("-inf")
+            view = F.pad(view, (0, 0) + (self._left, self._right) * nd, value=fill)
+        padding = (self._left if symmetric else 0,) * nd + (0,)
+        if self.mode == "max":
+            pool = F.max_pool2d if nd == 1 else F.max_pool3d
+            out = pool(view, kernel, stride, padding)
+        else:
+            pool = F.avg_pool2d if nd == 1 else F.avg_pool3d
+            out = pool(view, kernel, stride, padding, count_include_pad=self.count_include_pad or not symmetric)
+            if not self.count_include_pad and not symmetric:
+                out = out * self._pad_correction(axes, out.shape[2:-1], x)
+        return out.reshape(n, math.prod(out.shape[2:-1]), *spatial)
+
+    def _pad_correction(self, axes: tuple[int, ...], out_axes: torch.Size, like: Tensor) -> Tensor:
+        """K^nd / (real positions per window), shaped to broadcast over (N, 1, *grid_out, M)."""
+        factor = torch.ones((), dtype=torch.float64)
+        for i, (length, out_len) in enumerate(zip(axes, out_axes, strict=True)):
+            counts = _real_counts(length, self.kernel_size, self.stride, self._left, out_len)
+            shape = [1] * len(axes)
+            shape[i] = out_len
+            factor = factor * (self.kernel_size / counts).view(shape)
+        return factor.view(*out_axes, 1).to(device=like.device, dtype=like.dtype)
+
+    def extra_repr(self) -> str:
+        text = f"kernel_size={self.kernel_size}, stride={self.stride}, dims={self.dims}, mode={self.mode!r}"
+        if self.mode == "avg":
+            text += f", count_include_pad={self.count_include_pad}"
+        return text

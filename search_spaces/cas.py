@@ -1,0 +1,46 @@
+"""Search space of CAS, Channel-wise Activation Suppressing (Bai, Zeng, Jiang, Xia, Ma, Wang:
+"Improving Adversarial Robustness via Channel-wise Activation Suppressing", ICLR 2021).
+
+A CAS module after a block multiplies each channel by an auxiliary classifier's weight for the
+true (train) or predicted (eval) class; the loss adds beta/S * sum of the auxiliary CEs. CAS is
+meant to be combined with adversarial training.
+
+``recipe`` is the training method CAS is combined with. It also exists in the training space;
+in a :class:`search_spaces.ConditionalSpace` the CAS value is the one used: ``training.recipe`` is
+then not suggested but set to ``cas.recipe``.
+
+Paper defaults: beta = 2, CAS after both blocks of ResNet-18's layer4 (their best), PGD-10
+adversarial training.
+"""
+
+from __future__ import annotations
+
+from search_spaces._params import Categorical, DefenseSpace, Float
+
+__all__ = ["NON_CONSTRUCTOR_PARAMS", "SPACE"]
+
+# Space parameters that are not keyword arguments of
+# defenses.cas.ChannelActivationSuppression:
+NON_CONSTRUCTOR_PARAMS: tuple[str, ...] = (
+    "beta",  # weight of the auxiliary losses in the training loss
+    "placement",  # where the modules go: after the last block or the last two blocks
+    "recipe",  # training method CAS is combined with (adversarial training)
+)
+
+SPACE = DefenseSpace(
+    name="cas",
+    params=(
+        Float("beta", 0.0, 20.0),
+        Categorical("placement", ("last", "last2")),
+        Categorical("recipe", ("pgd_at", "trades", "mart", "fast_at")),
+    ),
+    defaults={"beta": 2.0, "placement": "last2", "recipe": "pgd_at"},
+    description=(
+        "Channel-wise Activation Suppressing: auxiliary classifiers reweight the channels of "
+        "the last block(s); loss CE + beta/S * sum CE_aux; with adversarial training"
+    ),
+    paper=(
+        "Bai, Zeng, Jiang, Xia, Ma, Wang: Improving Adversarial Robustness via Channel-wise "
+        "Activation Suppressing (ICLR 2021)"
+    ),
+)

@@ -1,0 +1,7 @@
+"""``python -m study`` is the ``robust-study`` command."""
+
+import sys
+
+from study.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""A finished study's artifacts: records, front tables, plots, hypervolume history, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from study.spec import StudySpec
+
+FRONT_COLUMNS = ("number", "defense", "clean_accuracy", "robust_accuracy", "final_clean_accuracy",
+                 "final_robust_accuracy", "final_trusted", "trusted", "params")
+
+
+def front_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        final = r.get("final") or {}
+        rows.append(
+            {
+                "number": r["number"],
+                "defense": r["defense"],
+                "clean_accuracy": r["clean_accuracy"],
+                "robust_accuracy": r["robust_accuracy"],
+                "final_clean_accuracy": final.get("clean_accuracy"),
+                "final_robust_accuracy": final.get("robust_accuracy"),
+                "final_trusted": final.get("trusted"),
+                "trusted": r["trusted"],
+                "params": json.dumps({k: v for k, v in r["params"].items() if k != "defense"}, sort_keys=True),
+            }
+        )
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FRONT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def hypervolume_series(spec: StudySpec, records: list[dict[str, Any]]) -> list[float]:
+    """Hypervolume of the trusted (clean, robust) front after each finished trial (reference 0, 0)."""
+    from study.pareto import hypervolume_history
+
+    points = [
+        [r["clean_accuracy"], r["robust_accuracy"]] if r["status"] == "completed" and r["trusted"] else [0.0, 0.0]
+        for r in records
+    ]
+    return hypervolume_history(points, ["max", "max"], [0.0, 0.0]) if points else []
+
+
+def write_study_artifacts(
+    spec: StudySpec, records: list[dict[str, Any]], front: list[dict[str, Any]], final_front: list[dict[str, Any]]
+) -> list[Path]:
+    """Write everything into the study folder; returns the paths to log on the parent run."""
+    from study.export import export_document, write_export
+    from study.plots import plot_front_html, plot_front_png, plot_hypervolume_png
+
+    d = spec.study_dir()
+    paths: list[Path] = []
+    trials = d / "trials.json"
+    tmp = trials.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(records, indent=2, default=str))
+    tmp.replace(trials)
+    paths.append(trials)
+    paths.append(write_csv(front_rows(front), d / "front.csv"))
+    paths.append(write_csv(front_rows(final_front), d / "front_final.csv"))
+    title = f"{spec.name}: accuracy vs robustness ({len(records)} trials)"
+    paths.append(Path(plot_front_png(records, d / "front.png", title=title, stage="search")))
+    if any(r.get("final") for r in records):
+        paths.append(Path(plot_front_png(records, d / "front_final.png", title=title + " — verified", stage="final")))
+    paths.append(Path(plot_front_html(records, d / "front.html", title=title)))
+    history = hypervolume_series(spec, records)
+    with (d / "hypervolume.csv").open("w") as handle:
+        handle.write("trials,hypervolume\n")
+        handle.writelines(f"{i + 1},{v:.6f}\n" for i, v in enumerate(history))
+    paths.append(d / "hypervolume.csv")
+    paths.append(Path(plot_hypervolume_png(history, d / "hypervolume.png", title=f"{spec.name}: hypervolume")))
+    best = final_front or front
+    paths.append(write_export(export_document(spec, best), d / "best.yaml"))
+    paths.append(d / "spec.yaml")
+    paths.append(d / "search_space.json")
+    return paths

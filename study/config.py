@@ -1,0 +1,308 @@
+"""Typed trial configuration: the one place YAML becomes a validated ``TrialConfig``.
+
+Every field has a one-line docstring (the cleanrl habit) and a default that runs the embedded
+digits benchmark. Validation happens once, at load; nothing downstream re-checks user input.
+Errors surface as :class:`ConfigError` with one line naming the field, the bad value and what is
+allowed, so the CLI can print it and exit 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder")
+BACKBONES = ("small_cnn", "resnet18", "resnet20", "vgg16")
+DEFENSES = ("none", "kap", "kwta", "kaf", "topkconv", "dynamic_k", "cas", "noise")
+RECIPES = ("standard", "noise", "fast_at", "pgd_at", "trades", "mart")
+ATTACKS = (
+    "fgsm",
+    "pgd",
+    "pgd_l2",
+    "cw_linf",
+    "deepfool",
+    "square",
+    "autoattack",
+    "autoattack_rand",
+    "eot_pgd",
+    "cas_adaptive",
+)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; its message is one line."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos more often than not: reject them instead of silently ignoring.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class DataConfig(_Strict):
+    """Which data, where it lives, and how it is split."""
+
+    name: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
+    """Dataset name; `digits` is bundled with scikit-learn and needs no download."""
+    data_dir: str | None = None
+    """Directory holding torchvision datasets or an ImageFolder tree (train/ and val/ or test/)."""
+    download: bool = False
+    """Let torchvision download the dataset into data_dir (off: tests and offline clusters)."""
+    val_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+    """Fraction of the training data held out for validation (early stopping, checks)."""
+    test_fraction: float = Field(0.25, gt=0.0, lt=0.6)
+    """Digits only: stratified fraction used as the test set (other datasets have their own)."""
+    augment: bool | None = None
+    """Random crop + flip for CIFAR-like data; None = the dataset's paper default."""
+    train_subset: int | None = Field(None, ge=10)
+    """Use only this many training samples (quick runs); None = all."""
+    image_size: int | None = Field(None, ge=8)
+    """ImageFolder only: resize images to this square size."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes (0 = load in the trial's process)."""
+
+
+class ModelConfig(_Strict):
+    """The network and the defense placed in it."""
+
+    backbone: Literal[BACKBONES] = "small_cnn"  # type: ignore[valid-type]
+    """Backbone architecture."""
+    width: int = Field(1, ge=1, le=16)
+    """Channel multiplier."""
+    defense: Literal[DEFENSES] = "none"  # type: ignore[valid-type]
+    """Defense placed at its paper sites; `none` is the undefended baseline."""
+    defense_params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the defense (constructor and placement), e.g. {kernel_size: 3}."""
+
+
+class TrainingConfig(_Strict):
+    """The training recipe and optimiser."""
+
+    recipe: Literal[RECIPES] = "standard"  # type: ignore[valid-type]
+    """standard | noise (Gaussian input noise) | fast_at (FGSM-RS, Wong et al.) | pgd_at (Madry) |
+    trades (Zhang et al.) | mart (Wang et al.)."""
+    epochs: int = Field(15, ge=1, le=1000)
+    """Training epochs."""
+    batch_size: int = Field(64, ge=1)
+    """Mini-batch size."""
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    """Optimiser."""
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    """Peak learning rate."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD momentum."""
+    weight_decay: float = Field(5e-4, ge=0.0, le=0.1)
+    """L2 weight decay."""
+    schedule: Literal["onecycle", "multistep", "cosine", "constant"] = "onecycle"
+    """Learning-rate schedule (one-cycle is the fast-AT recipe's)."""
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
+    """multistep: fractions of the epochs at which the LR is divided by 10."""
+    noise_sigma: float = Field(0.1, ge=0.0, le=1.0)
+    """recipe `noise`: std of the Gaussian noise added to training inputs."""
+    adv_eps: float = Field(0.2, gt=0.0, le=1.0)
+    """Adversarial-training epsilon (L-inf, inputs in [0,1])."""
+    adv_steps: int = Field(7, ge=1, le=100)
+    """PGD steps for pgd_at / trades / mart."""
+    adv_step_size: float | None = Field(None, gt=0.0)
+    """PGD step size; None = 2.5*eps/steps (Madry); fast_at always uses 1.25*eps (Wong et al.)."""
+    trades_beta: float = Field(6.0, ge=0.0, le=100.0)
+    """TRADES / MART regularisation weight."""
+    cas_beta: float | None = Field(None, ge=0.0, le=100.0)
+    """CAS auxiliary-loss weight; None = defense_params['beta'] or the paper's 2."""
+    early_stopping: bool = True
+    """pgd_at: keep the epoch with the best validation robust accuracy (Rice et al. 2020)."""
+    grad_clip: float | None = Field(None, gt=0.0)
+    """Clip the gradient norm (None = off)."""
+    checkpoint_every: int = Field(1, ge=1)
+    """Write a resumable checkpoint every this many epochs (when a checkpoint dir is given)."""
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones_in_range(cls, value: list[float]) -> list[float]:
+        for m in value:
+            if not 0.0 < m < 1.0:
+                raise ValueError(f"milestone {m} must be a fraction of the epochs in (0, 1)")
+        return sorted(value)
+
+
+class AttackConfig(_Strict):
+    """One attack of the evaluation suite; unset fields take the faithful defaults."""
+
+    name: Literal[ATTACKS]  # type: ignore[valid-type]
+    """Attack name."""
+    eps: float | None = Field(None, gt=0.0)
+    """Perturbation budget; None = the evaluation's eps (L2 attacks: see eps_l2)."""
+    steps: int | None = Field(None, ge=1)
+    """Iterations; None = the attack's faithful default (PGD 20, AutoAttack 100)."""
+    step_size: float | None = Field(None, gt=0.0)
+    """Step size; None = eps/4 for PGD (EVALUATION.md)."""
+    restarts: int = Field(1, ge=1)
+    """Random restarts."""
+    queries: int = Field(5000, ge=1)
+    """Square: query budget (AutoAttack standard: 5000)."""
+    eot_samples: int = Field(20, ge=1)
+    """EOT samples for stochastic models (AutoAttack rand: 20)."""
+
+
+class EvalConfig(_Strict):
+    """How the trained model is attacked and checked."""
+
+    eps: float = Field(0.2, gt=0.0, le=1.0)
+    """L-inf budget on [0,1] inputs. Digits default 0.2: an undefended model is broken there."""
+    eps_l2: float = Field(1.0, gt=0.0)
+    """L2 budget for L2 attacks."""
+    n_samples: int = Field(500, ge=1)
+    """Test samples attacked (the first n of a fixed, seeded order)."""
+    batch_size: int = Field(256, ge=1)
+    """Evaluation batch size."""
+    attacks: list[AttackConfig] = Field(default_factory=lambda: [AttackConfig(name="pgd")])
+    """The suite; robust accuracy is the per-sample worst case over it."""
+    eps_curve: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
+    """Epsilons of the accuracy-vs-eps curve (PGD); 0 (clean) is always added."""
+    checks: bool = True
+    """Run the integrity checks (EVALUATION.md) and set `trusted`."""
+    check_samples: int = Field(100, ge=10)
+    """Samples used by the costlier integrity checks (large-eps, unbounded, Square)."""
+
+
+class TrialConfig(_Strict):
+    """Everything one trial needs; a trial is a pure function of this."""
+
+    name: str = "trial"
+    """Free-form label."""
+    seed: int = 0
+    """Seeds data split, initialisation, training order and attacks."""
+    device: str = "auto"
+    """auto (cuda when available) | cpu | cuda | cuda:N."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device {value!r} must be auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _defense_params_build(self) -> TrialConfig:
+        # Unknown keys are caught here; ranges are checked by the constructors (check_buildable).
+        from defenses import DEFENSE_PARAMS
+
+        defense = self.model.defense
+        allowed = DEFENSE_PARAMS.get(defense, ()) if defense != "none" else ()
+        unknown = sorted(set(self.model.defense_params) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(unknown)} for defense {defense!r}; "
+                f"allowed: {', '.join(allowed) or 'none'}"
+            )
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if first["type"] == "literal_error":
+        return f"{loc}: {first.get('input')!r} is not allowed; {msg.removeprefix('Input should be ')}"
+    msg = msg.removeprefix("Value error, ")
+    return f"{loc}: {msg} (got {first.get('input')!r})" if "input" in first and loc != "config" else f"{loc}: {msg}"
+
+
+def parse_trial_config(data: dict[str, Any] | None) -> TrialConfig:
+    """Validate a mapping into a ``TrialConfig``; raises :class:`ConfigError` (one line)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a trial config must be a mapping, got {type(data).__name__}")
+    try:
+        config = TrialConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    try:
+        check_buildable(config)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"model.defense_params: {err}") from None
+    return config
+
+
+def check_buildable(config: TrialConfig) -> None:
+    """Build the model once (CPU, discarded) so the constructors' range checks run at load time."""
+    from defenses import build_model
+    from study.data import dataset_shape
+
+    channels, num_classes = dataset_shape(config.data)
+    # The constructors own the ranges: one source of truth.
+    build_model(
+        config.model.backbone,
+        num_classes=num_classes,
+        in_channels=channels,
+        defense=None if config.model.defense == "none" else config.model.defense,
+        defense_params=dict(config.model.defense_params),
+        width=config.model.width,
+    )
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read YAML with the safe loader; one-line ConfigError on missing file or bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(err, 'problem', err)})") from None
+
+
+def load_trial_config(path: str | Path) -> TrialConfig:
+    """Load and validate a trial config YAML file."""
+    return parse_trial_config(read_yaml(path))
+
+
+def dump_trial_config(config: TrialConfig) -> str:
+    """The complete config as YAML (every default written out, so it re-runs as is)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _commented(model: BaseModel, indent: int) -> list[str]:
+    lines: list[str] = []
+    pad = "  " * indent
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        doc = " ".join((info.description or "").split())
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:" + (f"  # {doc}" if doc else ""))
+            lines.extend(_commented(value, indent + 1))
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            lines.append(f"{pad}{name}:" + (f"  # {doc}" if doc else ""))
+            for item in value:
+                dumped = {k: v for k, v in item.model_dump(mode="json").items() if v is not None}
+                lines.append(f"{pad}  - {_yaml_scalar(dumped)}")
+        else:
+            dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            lines.append(f"{pad}{name}: {_yaml_scalar(dumped)}" + (f"  # {doc}" if doc else ""))
+    return lines
+
+
+def commented_default_yaml() -> str:
+    """The complete default trial config, each field commented with its docstring."""
+    header = [
+        "# robust-study trial config (defaults: digits, small_cnn, no defense, standard training, PGD).",
+        "# Run it with: robust-study trial this.yaml --out results/my-trial",
+    ]
+    return "\n".join(header + _commented(TrialConfig(), 0)) + "\n"

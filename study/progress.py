@@ -1,0 +1,57 @@
+"""A compact live progress line for a study (instead of Ray's wall of logs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+
+class ProgressLine(Callback):
+    """Prints one line per finished trial: done/running/failed and the best trusted numbers so far."""
+
+    def __init__(self, total: int, directions: list[str]) -> None:
+        self.total = total
+        self.directions = directions
+        self.start = time.monotonic()
+        self.done = 0
+        self.failed = 0
+        self.best: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def _line(self, trials: list, text: str) -> None:
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        best = "  ".join(f"best {k.split('_')[0]} {100 * v:.1f}%" for k, v in self.best.items())
+        elapsed = time.monotonic() - self.start
+        print(
+            f"[{self.done + self.failed:>3}/{self.total}] {elapsed:6.0f}s  done {self.done}  running {running}  "
+            f"failed {self.failed}  {best}  | {text}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        defense = trial.config.get("defense", "?")
+        if result.get("final") and result.get("status") == "completed":
+            self.done += 1
+            if result.get("trusted"):
+                for key in ("clean_accuracy", "robust_accuracy"):
+                    self.best[key] = max(self.best.get(key, 0.0), float(result.get(key, 0.0)))
+            mark = "" if result.get("trusted") else " UNTRUSTED"
+            text = (
+                f"{defense}: clean {100 * result['clean_accuracy']:.1f}% robust "
+                f"{100 * result['robust_accuracy']:.1f}%{mark}"
+            )
+        else:
+            self.failed += 1
+            text = f"{defense}: {result.get('status', 'stopped')} {result.get('reason', '')}".strip()
+        self._line(trials, text)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed += 1
+        self._line(trials, f"{trial.config.get('defense', '?')}: error")

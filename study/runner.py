@@ -1,0 +1,412 @@
+"""Run a study: Ray Tune schedules, Optuna proposes (multi-objective), MLflow records.
+
+Flow: validate the spec and everything outside it (dataset, MLflow, Ray address, GPUs) before
+Ray starts → Tuner(OptunaSearch over the conditional space, paper defaults enqueued first) →
+each trial runs :func:`study.trial.run_trial` and reports every objective each epoch (with a
+resumable checkpoint) → after the search the front's trials are re-evaluated with the strong
+attacks and the front is recomputed ("search cheap, verify strong") → artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from study.config import ConfigError
+from study.spec import StudySpec, trial_config_for
+
+log = logging.getLogger(__name__)
+
+STUDY_FILE = "study.json"
+TRIALS_FILE = "trials.json"
+TUNE_DIR = "tune"
+
+
+# --------------------------------------------------------------------------- the trainable
+
+
+def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one trial, reported per epoch and once more at the end."""
+    import torch
+    from ray import tune
+
+    from study.data import load_data
+    from study.spec import StudySpec
+    from study.trial import run_trial
+
+    spec = StudySpec.model_validate(spec_data)
+    context = tune.get_context()
+    config = trial_config_for(spec, params, name=context.get_trial_name() or "trial")
+    if spec.resources.gpu > 0:
+        config = config.model_copy(update={"device": "cuda"})
+    data = load_data(config.data, seed=config.seed)  # cached per worker process
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state_file = Path(directory) / "state.pt"
+            if state_file.is_file():
+                resume = torch.load(state_file, map_location="cpu", weights_only=True)
+
+    placeholders = {o: 0.0 for o in spec.objectives}
+
+    def on_epoch(report: Any) -> None:
+        metrics = {
+            **placeholders,
+            # Every report carries every objective (Ray's strict metric check); the searcher
+            # only ever tells Optuna the final one.
+            "clean_accuracy": float(report.metrics.get("val_accuracy", 0.0)),
+            "robust_accuracy": float(report.metrics.get("val_robust_accuracy", 0.0)),
+            "epoch": report.epoch,
+            "final": 0,
+            "status": "running",
+            "trusted": 0,
+            **{f"epoch_{k}": float(v) for k, v in report.metrics.items()},
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(report.checkpoint, Path(directory) / "state.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    result = run_trial(config, on_epoch=on_epoch, resume=resume, data=data)
+    final = {
+        "clean_accuracy": result.clean_accuracy,
+        "robust_accuracy": result.robust_accuracy,
+        "train_seconds": result.train_seconds,
+        "num_parameters": float(result.num_parameters),
+        "eval_seconds": result.eval_seconds,
+        "epochs_run": float(result.epochs_run),
+        "epoch": result.epochs_run,
+        "trusted": int(result.trusted),
+        "status": result.status,
+        "reason": result.reason or "",
+        "final": 1,
+        "flags_json": json.dumps(result.flags, default=float),
+        **{f"robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
+    }
+    from study.trial import save_trial
+
+    with tempfile.TemporaryDirectory() as directory:
+        save_trial(config, result, directory)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+# --------------------------------------------------------------------------- Optuna
+
+
+def make_sampler(spec: StudySpec) -> Any:
+    import optuna
+
+    s = spec.sampler
+    if s.name == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
+                                          group=True, constant_liar=True)
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
+    return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+def make_searcher(spec: StudySpec, study_dir: Path) -> Any:
+    """OptunaSearch over the conditional space; only final, completed results reach Optuna."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalResultsOptunaSearch(OptunaSearch):
+        # Ray's OptunaSearch tells Optuna a trial's *last* result. A trial stopped early, or
+        # one that diverged, would enter Optuna's front with meaningless numbers: tell Optuna
+        # it was pruned / failed instead.
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result is not None and not result.get("final"):
+                result = None  # stopped early → pruned
+            elif result is not None and result.get("status") != "completed":
+                result, error = None, True  # diverged → failed
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    space = spec.conditional_space()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}")
+    searcher = FinalResultsOptunaSearch(
+        space=space.suggest,
+        metric=list(spec.objectives),
+        mode=list(spec.directions),
+        points_to_evaluate=space.paper_default_configs()[: spec.num_trials],
+        sampler=make_sampler(spec),
+        study_name=spec.name,
+        storage=storage,
+    )
+    return searcher
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def quiet_libraries() -> None:
+    """Progress is our one line per trial; silence the libraries' banners and chatter."""
+    import warnings
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: silent at verbose=0
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import mlflow  # noqa: F401 - mlflow configures its loggers on import; quieten them after
+    import optuna
+
+    for name in ("mlflow", "alembic", "optuna", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def init_ray(spec: StudySpec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if spec.address is None:
+        # A local instance stays on loopback (DESIGN.md): no traffic leaves the machine.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(
+            num_cpus=max(int(spec.resources.cpu * spec.concurrency), os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        return
+    try:
+        ray.init(address=spec.address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"address: cannot connect to Ray at {spec.address} ({str(err).splitlines()[0]})") from None
+
+
+def check_cluster_resources(spec: StudySpec) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    if spec.resources.gpu > 0 and total.get("GPU", 0) < spec.resources.gpu:
+        raise ConfigError(
+            f"resources.gpu: {spec.resources.gpu} GPU(s) per trial requested but the cluster has "
+            f"{total.get('GPU', 0):g}; set resources.gpu: 0 or add GPU nodes"
+        )
+    if total.get("CPU", 0) < spec.resources.cpu:
+        raise ConfigError(
+            f"resources.cpu: {spec.resources.cpu} CPUs per trial requested but the cluster has {total.get('CPU', 0):g}"
+        )
+
+
+# --------------------------------------------------------------------------- study
+
+
+@dataclass
+class StudyOutcome:
+    study_dir: Path
+    records: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    final_front: list[dict[str, Any]]
+    seconds: float
+    parent_run_id: str
+    tracking_uri: str
+
+
+def tracking_uri_for(spec: StudySpec) -> str:
+    from study.tracking import default_tracking_uri
+
+    return spec.mlflow.tracking_uri or default_tracking_uri(spec.study_dir().parent)
+
+
+def preflight(spec: StudySpec) -> None:
+    """Everything checkable before Ray starts: dataset present, MLflow reachable."""
+    from study.data import load_data
+    from study.tracking import check_reachable
+
+    load_data(spec.data, seed=spec.seed)
+    check_reachable(tracking_uri_for(spec))
+
+
+def run_study(spec: StudySpec, *, resume: bool = False, progress: bool = True) -> StudyOutcome:
+    """Run (or resume) a study to completion and write its artifacts."""
+    from ray import tune
+
+    from study.progress import ProgressLine
+    from study.tracking import MlflowTrialLogger, StudyRun
+
+    start = time.perf_counter()
+    study_dir = spec.study_dir()
+    state_file = study_dir / STUDY_FILE
+    tune_dir = study_dir / TUNE_DIR
+    if resume and not state_file.is_file():
+        raise ConfigError(f"resume: no study {spec.name!r} under {study_dir.parent} (no {STUDY_FILE})")
+    if not resume and state_file.is_file():
+        raise ConfigError(
+            f"study {spec.name!r} already exists in {study_dir}; use 'robust-study resume {spec.name}' "
+            "or choose another name"
+        )
+    preflight(spec)
+    quiet_libraries()
+    init_ray(spec)
+    check_cluster_resources(spec)
+
+    uri = tracking_uri_for(spec)
+    study_run = StudyRun(uri, spec.experiment, spec.study_dir().parent / "mlartifacts")
+    state = json.loads(state_file.read_text()) if resume else {}
+    study_dir.mkdir(parents=True, exist_ok=True)
+    parent_id = study_run.start(
+        spec.name,
+        state.get("parent_run_id"),
+        params={"spec": json.dumps(spec.model_dump(mode="json"))[:6000], "num_trials": spec.num_trials,
+                "sampler": spec.sampler.name, "objectives": ",".join(spec.objectives)},
+        tags={"description": spec.description},
+    )
+    if not resume:
+        _write_json(
+            state_file,
+            {"spec": spec.model_dump(mode="json"), "parent_run_id": parent_id, "experiment_id": study_run.experiment_id,
+             "tracking_uri": uri, "status": "running"},
+        )
+        (study_dir / "spec.yaml").write_text(_dump_yaml(spec.model_dump(mode="json")))
+        _write_json(study_dir / "search_space.json", spec.conditional_space().to_dict())
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, spec_data=spec.model_dump(mode="json")),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    if resume and (tune_dir / "tuner.pkl").exists():
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        callbacks = [MlflowTrialLogger(uri, study_run.experiment_id, parent_id, spec.name)]
+        if progress:
+            callbacks.append(ProgressLine(spec.num_trials, spec.directions))
+        scheduler = None
+        if spec.early_stopping.enabled:
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(
+                metric="epoch_val_accuracy", mode="max", time_attr="epoch", max_t=spec.training.epochs,
+                grace_period=spec.early_stopping.grace_epochs, reduction_factor=spec.early_stopping.reduction_factor,
+            )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(spec, study_dir),
+                num_samples=spec.num_trials,
+                max_concurrent_trials=spec.concurrency,
+                scheduler=scheduler,
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=str(study_dir),
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    records = collect_records(spec, grid)
+    front, final_front = finish_study(spec, records, study_run)
+    state = json.loads(state_file.read_text())
+    state["status"] = "finished"
+    _write_json(state_file, state)
+    return StudyOutcome(study_dir, records, front, final_front, time.perf_counter() - start, parent_id, uri)
+
+
+def collect_records(spec: StudySpec, grid: Any) -> list[dict[str, Any]]:
+    """One plain record per trial from Tune's results (the source for fronts, tables, export)."""
+    records = []
+    for number, result in enumerate(sorted(grid, key=lambda r: r.path or "")):
+        metrics = result.metrics or {}
+        params = {k: v for k, v in (result.config or {}).items()}
+        final = bool(metrics.get("final"))
+        status = metrics.get("status") if final else ("failed" if result.error else "stopped")
+        flags = json.loads(metrics.get("flags_json", "[]")) if final else []
+        record = {
+            "trial_id": metrics.get("trial_id") or Path(result.path or "").name,
+            "number": number,
+            "defense": params.get("defense", "none"),
+            "params": params,
+            "status": status,
+            "reason": metrics.get("reason") or (str(result.error).strip().splitlines()[-1] if result.error else ""),
+            "trusted": bool(metrics.get("trusted")) if final else False,
+            "flags_failed": [f["id"] for f in flags if f.get("gate") and not f.get("passed")],
+            "checkpoint": result.checkpoint.path if (final and result.checkpoint) else None,
+            "node_ip": metrics.get("node_ip"),
+            "finished_at": metrics.get("timestamp", 0),
+        }
+        for objective in ("clean_accuracy", "robust_accuracy", "train_seconds", "num_parameters"):
+            record[objective] = float(metrics.get(objective, 0.0)) if final else None
+        records.append(record)
+    records.sort(key=lambda r: (r["finished_at"] or 0, r["trial_id"]))
+    for number, record in enumerate(records):
+        record["number"] = number
+    return records
+
+
+def front_records(records: list[dict[str, Any]], objectives: list[str], directions: list[str],
+                  stage: str = "search") -> list[dict[str, Any]]:
+    """The trusted, completed trials on the Pareto front (by search or final numbers)."""
+    from study.pareto import pareto_front
+
+    def values(r: dict[str, Any]) -> dict[str, Any]:
+        return r["final"] if stage == "final" else r
+
+    pool = [r for r in records if r["status"] == "completed" and (stage == "search" or r.get("final"))]
+    pool = [r for r in pool if values(r)["trusted"]]
+    points = [[values(r)[o] if o in values(r) else r[o] for o in objectives] for r in pool]
+    return [pool[i] for i in pareto_front(points, directions)] if pool else []
+
+
+def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any) -> tuple[list, list]:
+    """Verify the front with the strong attacks, recompute it, write and log the artifacts."""
+    from study.artifacts import write_study_artifacts
+    from study.verify import verify_front
+
+    front = front_records(records, spec.objectives, spec.directions)
+    verify_front(spec, front)
+    final_front = front_records(records, spec.objectives, spec.directions, stage="final")
+    for record in records:
+        record["on_front"] = record in front
+        record["on_final_front"] = record in final_front
+    paths = write_study_artifacts(spec, records, front, final_front)
+    study_run.log_artifacts(paths)
+    study_run.log_metrics(
+        {
+            "trials_completed": sum(r["status"] == "completed" for r in records),
+            "trials_failed": sum(r["status"] not in ("completed",) for r in records),
+            "front_size": len(front),
+            "final_front_size": len(final_front),
+        }
+    )
+    study_run.finish()
+    return front, final_front
+
+
+def _write_json(path: Path, data: Any) -> None:
+    # Write-then-rename: a crash never leaves a half-written state file.
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _dump_yaml(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def load_records(storage: str, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A finished study's state and trial records (for pareto/export)."""
+    study_dir = (Path(storage).expanduser() / name).resolve()
+    state_file, trials_file = study_dir / STUDY_FILE, study_dir / TRIALS_FILE
+    if not state_file.is_file():
+        raise ConfigError(f"no study {name!r} under {study_dir.parent} (run it with: robust-study run SPEC)")
+    if not trials_file.is_file():
+        raise ConfigError(f"study {name!r} has no results yet (still running, or resume it: robust-study resume {name})")
+    return json.loads(state_file.read_text()), json.loads(trials_file.read_text())
+
+
+def print_err(message: str) -> None:
+    print(message, file=sys.stderr)

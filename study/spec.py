@@ -1,0 +1,290 @@
+"""Study specs: what to search, how to attack, where to run and record. Validated before Ray starts.
+
+A spec is YAML (or a built-in name such as ``demo``). It fixes the dataset, backbone, training
+recipe and attack suites, and names the defenses whose hyperparameters Optuna searches. Each
+proposed point is turned into a complete :class:`~study.config.TrialConfig` by
+:func:`trial_config_for` — the one place flat search parameters meet the typed trial config.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from study.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    TrainingConfig,
+    TrialConfig,
+    _format_error,
+    _Strict,
+    check_buildable,
+    read_yaml,
+)
+
+SAMPLERS = ("tpe", "nsga2", "random")
+OBJECTIVE_DIRECTIONS = {
+    "clean_accuracy": "max",
+    "robust_accuracy": "max",
+    "train_seconds": "min",
+    "num_parameters": "min",
+}
+SEARCH_DEFENSES = ("kap", "kwta", "kaf", "topkconv", "dynamic_k", "cas", "noise")
+
+
+class SamplerConfig(_Strict):
+    """The Optuna sampler that proposes trials."""
+
+    name: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
+    """tpe (multi-objective TPE, default) | nsga2 | random."""
+    seed: int = 0
+    """Sampler seed (a study with the same seed proposes the same first trials)."""
+    n_startup_trials: int = Field(8, ge=0)
+    """tpe: random trials before the model kicks in (the enqueued paper defaults count)."""
+    population_size: int = Field(8, ge=2)
+    """nsga2: population size."""
+
+
+class ResourcesConfig(_Strict):
+    """Resources one trial reserves on the cluster."""
+
+    cpu: float = Field(1.0, gt=0)
+    """CPUs per trial."""
+    gpu: float = Field(0.0, ge=0)
+    """GPUs per trial; fractions (0.25) pack several trials on one GPU."""
+
+
+class MlflowConfig(_Strict):
+    """Where trials are recorded."""
+
+    tracking_uri: str | None = None
+    """None = a SQLite store beside the study's results; or http://host:port of a server."""
+    experiment: str | None = None
+    """Experiment name; None = the study name."""
+
+
+class EarlyStoppingConfig(_Strict):
+    """ASHA early stopping. Stopped trials are excluded from the front and told to Optuna as pruned."""
+
+    enabled: bool = False
+    """Off by default: a stopped trial's numbers are under-trained."""
+    grace_epochs: int = Field(3, ge=1)
+    """Epochs every trial runs before it can be stopped."""
+    reduction_factor: int = Field(3, ge=2)
+    """ASHA reduction factor."""
+
+
+class StudySpec(_Strict):
+    """A whole study."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Study name: the results folder, the MLflow parent run and the Optuna study are named after it."""
+    description: str = ""
+    """Free text shown in MLflow."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Backbone and width (the defense is searched: leave defense/defense_params unset)."""
+    defenses: dict[str, dict[str, Any]] = Field(default_factory=lambda: {d: {} for d in SEARCH_DEFENSES[:-1]})
+    """Defenses to search, each with fixed overrides (e.g. {kap: {dims: 1}}); a list of names is accepted."""
+    include_baseline: bool = True
+    """Also try the undefended model (defense none)."""
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """The fixed training recipe every trial starts from."""
+    search_training: list[str] = Field(default_factory=list)
+    """Training parameters also searched (names from search_spaces.TRAINING_SPACE, e.g. [lr, recipe])."""
+    search_eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Cheap attacks that score every trial."""
+    final_eval: EvalConfig = Field(
+        default_factory=lambda: EvalConfig(attacks=[{"name": "autoattack"}], eps_curve=[])  # type: ignore[list-item]
+    )
+    """Strong attacks that re-evaluate the front after the search (search cheap, verify strong)."""
+    objectives: list[str] = Field(default_factory=lambda: ["clean_accuracy", "robust_accuracy"])
+    """Objectives: clean_accuracy, robust_accuracy (max) and optionally train_seconds or num_parameters (min)."""
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    num_trials: int = Field(24, ge=1)
+    """Trials to run, paper defaults (enqueued first) included."""
+    concurrency: int = Field(2, ge=1)
+    """Trials running at once."""
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    address: str | None = None
+    """Ray address: None = a local instance on 127.0.0.1; auto or ray://host:10001 = a cluster."""
+    storage: str = "results"
+    """Directory for results (shared storage on a cluster). Relative paths resolve against the working directory."""
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    max_failures: int = Field(2, ge=0)
+    """Retries of a trial whose process died (from its last checkpoint)."""
+    seed: int = 0
+    """Trial seed (data split, initialisation, attacks); the same for every trial so they compare."""
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _list_to_mapping(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return {name: {} for name in value}
+        return value
+
+    @field_validator("defenses")
+    @classmethod
+    def _known_defenses(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, overrides in value.items():
+            if name not in SEARCH_DEFENSES:
+                raise ValueError(f"unknown defense {name!r}; allowed: {', '.join(SEARCH_DEFENSES)}")
+            if not isinstance(overrides, dict):
+                raise ValueError(f"overrides of {name!r} must be a mapping of parameter: value")
+        return value
+
+    @field_validator("search_training")
+    @classmethod
+    def _known_training_params(cls, value: list[str]) -> list[str]:
+        from search_spaces import TRAINING_SPACE
+
+        for name in value:
+            if name not in TRAINING_SPACE.param_names:
+                raise ValueError(f"unknown training parameter {name!r}; allowed: {', '.join(TRAINING_SPACE.param_names)}")
+        return value
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in OBJECTIVE_DIRECTIONS:
+                raise ValueError(f"unknown objective {name!r}; allowed: {', '.join(OBJECTIVE_DIRECTIONS)}")
+        if value[:2] != ["clean_accuracy", "robust_accuracy"] or len(set(value)) != len(value):
+            raise ValueError("objectives must start with clean_accuracy, robust_accuracy (then optionally one cost)")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_search(self) -> StudySpec:
+        if not self.defenses and not self.include_baseline:
+            raise ValueError("nothing to search: list defenses or set include_baseline: true")
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVE_DIRECTIONS[o] for o in self.objectives]
+
+    @property
+    def experiment(self) -> str:
+        return self.mlflow.experiment or self.name
+
+    def study_dir(self) -> Path:
+        """Absolute results folder of this study (resolved before any trial changes directory)."""
+        return (Path(self.storage).expanduser() / self.name).resolve()
+
+    def conditional_space(self) -> Any:
+        """The search space: defense first, then its parameters (search_spaces.ConditionalSpace)."""
+        from search_spaces import TRAINING_SPACE, ConditionalSpace, DefenseSpace, Fixed
+
+        training_space = None
+        if self.search_training:
+            # Only the searched training parameters enter the space; the rest stay as fixed in
+            # `training` (the recipe is kept as a Fixed entry: other parameters depend on it).
+            keep = set(self.search_training) | {"recipe"}
+            params = tuple(
+                p if p.name in self.search_training else Fixed("recipe", self.training.recipe)
+                for p in TRAINING_SPACE.params
+                if p.name in keep
+            )
+            defaults = {p.name: TRAINING_SPACE.defaults.get(p.name) for p in params}
+            defaults["recipe"] = (
+                TRAINING_SPACE.defaults["recipe"] if "recipe" in self.search_training else self.training.recipe
+            )
+            training_space = DefenseSpace(
+                name="training", params=params, defaults=defaults,
+                description=TRAINING_SPACE.description, paper=TRAINING_SPACE.paper,
+            )
+        return ConditionalSpace(
+            defenses=tuple(self.defenses),
+            include_baseline=self.include_baseline,
+            overrides={k: v for k, v in self.defenses.items() if v},
+            training=training_space,
+        )
+
+
+# Defense-space parameters that configure the training recipe, not the network.
+_DEFENSE_TO_TRAINING = {("cas", "recipe"): "recipe"}
+
+
+def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "trial") -> TrialConfig:
+    """Turn one flat point of the search space into a complete, validated trial config.
+
+    ``params`` holds ``defense`` plus ``<defense>.<param>`` and ``training.<param>`` keys
+    (search_spaces.ConditionalSpace's layout); fixed overrides from the spec are applied under
+    the searched values' names, so an exported config re-runs exactly.
+    """
+    defense = params.get("defense", "none")
+    defense_params: dict[str, Any] = dict(spec.defenses.get(defense, {}))
+    training_updates: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "defense":
+            continue
+        scope, _, pname = key.partition(".")
+        if scope == "training":
+            training_updates[pname] = value
+        elif scope == defense:
+            target = _DEFENSE_TO_TRAINING.get((defense, pname))
+            if target:
+                training_updates[target] = value
+            else:
+                defense_params[pname] = value
+    for (d, pname), target in _DEFENSE_TO_TRAINING.items():
+        if d == defense and pname in defense_params:
+            training_updates[target] = defense_params.pop(pname)
+    training = spec.training.model_copy(update=training_updates)
+    data = {
+        "name": name,
+        "seed": spec.seed,
+        "data": spec.data.model_dump(),
+        "model": {**spec.model.model_dump(), "defense": defense, "defense_params": defense_params},
+        "training": training.model_dump(),
+        "eval": spec.search_eval.model_dump(),
+    }
+    try:
+        return TrialConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+BUILTIN_SPECS = ("demo", "cifar10_kap", "cifar10_kwta", "cifar10_kaf", "cifar10_topkconv", "cifar10_cas")
+
+
+def _builtin_text(name: str) -> str:
+    return resources.files("study.specs").joinpath(f"{name}.yaml").read_text()
+
+
+def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
+    """Validate a mapping into a StudySpec; one-line ConfigError naming the field otherwise."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a study spec must be a mapping, got {type(data).__name__}")
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_error(err)}") from None
+    # Every defense's paper default must build (catches out-of-range fixed overrides now).
+    space = spec.conditional_space()
+    for point in space.paper_default_configs():
+        try:
+            check_buildable(trial_config_for(spec, point))
+        except ValueError as err:
+            raise ConfigError(f"{source}: defenses.{point.get('defense')}: {err}") from None
+    return spec
+
+
+def load_spec(spec_or_name: str) -> StudySpec:
+    """A spec file path or the name of a built-in spec."""
+    path = Path(spec_or_name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return parse_spec(read_yaml(path), source=str(path))
+    if spec_or_name in BUILTIN_SPECS:
+        import yaml
+
+        return parse_spec(yaml.safe_load(_builtin_text(spec_or_name)), source=spec_or_name)
+    raise ConfigError(
+        f"{spec_or_name!r} is neither a spec file nor a built-in spec; built-ins: {', '.join(BUILTIN_SPECS)}"
+    )

@@ -1,0 +1,69 @@
+"""Search cheap, verify strong: re-evaluate the front's trials with the final (strong) attacks.
+
+Trials were scored with a cheap attack so many fit the budget; the few on the front are attacked
+again with the spec's ``final_eval`` suite (AutoAttack by default), as Ray tasks with the trial's
+resources so a cluster's GPUs do the work. The numbers land in each record's ``final`` entry and
+the caller recomputes the front on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from study.spec import StudySpec
+
+log = logging.getLogger(__name__)
+
+
+def reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """Attack a saved trial's model with another evaluation config; plain-dict result."""
+    from study.config import EvalConfig, load_trial_config
+    from study.data import eval_tensors, load_data
+    from study.evaluate import evaluate
+    from study.trial import load_model
+
+    config = load_trial_config(f"{trial_dir}/config.yaml")
+    eval_cfg = EvalConfig.model_validate(eval_data)
+    model = load_model(trial_dir, device=device)
+    bundle = load_data(config.data, seed=config.seed)
+    x, y = eval_tensors(bundle.test, eval_cfg.n_samples, seed=config.seed)
+    result = evaluate(
+        model,
+        x.to(device),
+        y.to(device),
+        eval_cfg,
+        num_classes=bundle.info.num_classes,
+        defense=config.model.defense,
+        defense_params=dict(config.model.defense_params),
+        recipe=config.training.recipe,
+        seed=config.seed,
+    )
+    return {
+        "clean_accuracy": result.clean_accuracy,
+        "robust_accuracy": result.robust_accuracy,
+        "trusted": result.trusted,
+        "flags_failed": [f["id"] for f in result.flags if f.get("gate") and not f.get("passed")],
+        "attacks": result.attacks,
+        "seconds": result.seconds,
+    }
+
+
+def verify_front(spec: StudySpec, front: list[dict[str, Any]]) -> None:
+    """Fill ``record['final']`` for every front record (in place), in parallel on Ray."""
+    import ray
+
+    todo = [r for r in front if r.get("checkpoint") and not r.get("final")]
+    if not todo:
+        return
+    device = "cuda" if spec.resources.gpu > 0 else "cpu"
+    task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(reevaluate)
+    eval_data = spec.final_eval.model_dump(mode="json")
+    refs = [task.remote(r["checkpoint"], eval_data, device) for r in todo]
+    for record, ref in zip(todo, refs):
+        try:
+            record["final"] = ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - one failed verification must not lose the study
+            log.warning("final evaluation of trial %s failed: %s", record["trial_id"], err)
+            record["final"] = None
+            record["final_error"] = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

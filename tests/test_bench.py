@@ -1,0 +1,66 @@
+"""The layer benchmark runs end to end at a tiny size and reports sane ratios."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from study.bench import NETWORK_ROWS, TARGETS, bench_layers, format_table
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    # One thread: at this toy size OpenMP synchronisation, not compute, would dominate, and it
+    # stalls badly when other processes share the two cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return bench_layers(batch=2, device="cpu", repeats=1, image=8, width=0.25)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_row_per_defense_with_finite_ratios(rows: list[dict]) -> None:
+    network = [r for r in rows if r["kind"] == "network"]
+    assert [r["name"] for r in network] == [r.name for r in NETWORK_ROWS]
+    assert {"kap", "kwta", "kaf", "topkconv", "dynamic_k", "cas", "noise"} <= {r["name"] for r in network}
+    for row in rows:
+        assert row["time_s"] > 0 and row["act_bytes"] > 0
+        assert math.isfinite(row["time_ratio"]) and math.isfinite(row["mem_ratio"])
+        assert row["mem_kind"] == "saved_activations" and row["peak_bytes"] is None
+    baseline = network[0]
+    assert baseline["name"] == "none" and baseline["time_ratio"] == 1.0 == baseline["mem_ratio"]
+
+
+def test_targets_are_attached_and_judged(rows: list[dict]) -> None:
+    for row in rows:
+        if row["kind"] == "network" and row["name"] in TARGETS:
+            time_target, mem_target = TARGETS[row["name"]]
+            assert row["time_target"] == time_target and row["mem_target"] == mem_target
+            assert row["time_ok"] == (row["time_ratio"] <= time_target)
+        else:
+            assert row["time_ok"] is None
+
+
+def test_layer_rows_compare_naive_and_lean(rows: list[dict]) -> None:
+    layers = {r["name"]: r for r in rows if r["kind"] == "layer"}
+    assert set(layers) == {"conv2d", "topkconv lean", "topkconv naive", "relu", "kaf lean", "kaf naive"}
+    # The naive forms keep (N, C_out, C_in, H, W) resp. (N, C, H, W, D) for backward.
+    assert layers["topkconv naive"]["act_bytes"] > 5 * layers["topkconv lean"]["act_bytes"]
+    assert layers["kaf naive"]["act_bytes"] > 5 * layers["kaf lean"]["act_bytes"]
+
+
+def test_format_table(rows: list[dict]) -> None:
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| kind | row |")
+    assert len([ln for ln in lines if ln.startswith("| network")]) == len(NETWORK_ROWS)
+    assert "pass" in table or "FAIL" in table
+    assert "saved for backward" in table
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="batch=0"):
+        bench_layers(batch=0)

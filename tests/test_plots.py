@@ -1,0 +1,241 @@
+"""Tests for study.plots: files are written, the encoding is honest, the front comes from
+study.pareto and never contains an untrusted trial."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from study import pareto, plots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _rec(number, clean, robust, *, defense="kap", trusted=True, status="completed", flags=(),
+         final=None):
+    r = {
+        "trial_id": f"t{number:03d}",
+        "number": number,
+        "defense": defense,
+        "params": {"kernel_size": 3, "noise_std": 0.1},
+        "clean_accuracy": clean,
+        "robust_accuracy": robust,
+        "trusted": trusted,
+        "status": status,
+        "flags_failed": list(flags),
+    }
+    if final is not None:
+        r["final"] = final
+    return r
+
+
+@pytest.fixture
+def records():
+    return [
+        _rec(0, 0.99, 0.02, defense="none"),                     # front (best clean)
+        _rec(1, 0.95, 0.40),                                      # front
+        _rec(2, 0.90, 0.30),                                      # dominated by 1
+        _rec(3, 0.97, 0.90, defense="kwta", trusted=False, flags=["R8", "R13"]),  # untrusted
+        _rec(4, 0.85, 0.55, defense="cas"),                       # front (best robust)
+        _rec(5, 0.10, 0.10, status="failed"),
+        _rec(6, 0.10, 0.10, status="diverged"),
+        _rec(7, 0.10, 0.10, status="failed"),
+        _rec(8, 0.10, 0.10, status="stopped"),
+        _rec(9, 0.80, 0.50, defense="kaf"),                       # dominated by 4
+    ]
+
+
+# ------------------------------------------------------------------------------------ front
+
+
+def test_front_indices_excludes_untrusted_and_incomplete(records):
+    # Trial 3 dominates trials 1, 2, 4 and 9 but failed a gate: it must not be on the front and
+    # must not push trusted trials off it.
+    assert plots.front_indices(records) == [0, 1, 4]
+
+
+def test_untrusted_never_on_front_even_if_it_dominates_everything():
+    recs = [_rec(0, 0.5, 0.5), _rec(1, 1.0, 1.0, trusted=False, flags=["R11"])]
+    assert plots.front_indices(recs) == [0]
+    assert plots.front_indices([recs[1]]) == []
+
+
+def test_front_indices_uses_study_pareto(monkeypatch, records):
+    calls = []
+    original = pareto.pareto_front
+
+    def spy(points, directions):
+        calls.append((list(points), list(directions)))
+        return original(points, directions)
+
+    monkeypatch.setattr(pareto, "pareto_front", spy)
+    plots.front_indices(records)
+    assert len(calls) == 1
+    pts, dirs = calls[0]
+    assert dirs == ["max", "max"]
+    # Only the 5 trusted completed trials are candidates, in percent.
+    assert len(pts) == 5
+    assert [95.0, 40.0] in [[pytest.approx(a), pytest.approx(b)] for a, b in pts]
+
+
+def test_front_indices_respects_directions():
+    recs = [_rec(0, 0.9, 0.1), _rec(1, 0.5, 0.5), _rec(2, 0.1, 0.9)]
+    assert plots.front_indices(recs, directions=("min", "min")) == [0, 1, 2]
+    assert plots.front_indices(recs, directions=("min", "max")) == [2]
+    assert plots.front_indices(recs, directions=("max", "min")) == [0]
+
+
+def test_final_stage_front_uses_final_numbers_and_final_trust():
+    recs = [
+        # Search: both on the front. Final (strong attack): 0 collapses and is dominated by 1.
+        _rec(0, 0.90, 0.60, final={"clean_accuracy": 0.90, "robust_accuracy": 0.05,
+                                   "trusted": True}),
+        _rec(1, 0.95, 0.50, final={"clean_accuracy": 0.95, "robust_accuracy": 0.45,
+                                   "trusted": True}),
+        # Best final numbers but failed a gate at the final stage.
+        _rec(2, 0.85, 0.55, final={"clean_accuracy": 0.96, "robust_accuracy": 0.50,
+                                   "trusted": False}),
+        # Not re-evaluated: its optimistic search numbers must not compete with final numbers.
+        _rec(3, 0.99, 0.99),
+    ]
+    assert plots.front_indices(recs, stage="search") == [3]
+    assert plots.front_indices(recs, stage="final") == [1]
+
+
+def test_final_stage_without_final_numbers_falls_back_to_search(records):
+    assert plots.front_indices(records, stage="final") == plots.front_indices(records)
+
+
+def test_staircase_max_max_corners_lie_below_left():
+    xs, ys = plots._staircase([(50.0, 50.0), (90.0, 10.0)], ("max", "max"))
+    assert list(zip(xs, ys)) == [(50.0, 50.0), (50.0, 10.0), (90.0, 10.0)]
+    xs, ys = plots._staircase([(50.0, 50.0), (90.0, 10.0)], ("min", "min"))
+    assert list(zip(xs, ys)) == [(50.0, 50.0), (90.0, 50.0), (90.0, 10.0)]
+
+
+def test_skipped_note_counts_non_completed(records):
+    _, skipped = plots._points(records, plots.DEFAULT_OBJECTIVES, "search")
+    assert plots._skipped_note(skipped) == "2 failed, 1 diverged, 1 stopped"
+    assert plots._skipped_note(Counter()) == ""
+
+
+def test_defense_colors_stable_and_distinct():
+    known = ["none", "kap", "kwta", "kaf", "topkconv", "dynamic_k", "cas", "noise"]
+    colors = [plots.defense_color(d) for d in known]
+    assert len(set(colors)) == len(known)
+    assert plots.defense_color("brand_new") == plots.defense_color("brand_new")
+    assert re.fullmatch(r"#[0-9a-f]{6}", plots.defense_color("brand_new"))
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stage": "verify"}, "stage='verify'"),
+        ({"directions": ("max", "up")}, "direction='up'"),
+        ({"objectives": ("clean_accuracy",)}, "exactly 2"),
+    ],
+)
+def test_bad_arguments_raise(records, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plots.front_indices(records, **kwargs)
+
+
+def test_bad_records_raise():
+    with pytest.raises(ValueError, match="status='done'"):
+        plots.front_indices([_rec(0, 0.5, 0.5, status="done")])
+    with pytest.raises(ValueError, match=r"clean_accuracy=95\.0 must be a fraction"):
+        plots.front_indices([_rec(0, 95.0, 0.5)])
+
+
+def test_completed_trial_without_numbers_is_skipped_not_fatal(tmp_path):
+    recs = [_rec(0, float("nan"), 0.5), _rec(1, 0.6, 0.4)]
+    assert plots.front_indices(recs) == [1]
+    out = plots.plot_front_png(recs, tmp_path / "f.png", title="nan")
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+# ----------------------------------------------------------------------------------- files
+
+
+def _assert_png(path: Path):
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    assert len(data) > 5_000
+
+
+def test_plot_front_png_writes_png_and_creates_dirs(tmp_path, records):
+    target = tmp_path / "a" / "b" / "front.png"
+    out = plots.plot_front_png(records, target, title="digits, eps=0.1")
+    assert out == target
+    _assert_png(out)
+
+
+def test_plot_front_png_final_stage(tmp_path):
+    recs = [
+        _rec(0, 0.90, 0.60, final={"clean_accuracy": 0.90, "robust_accuracy": 0.05,
+                                   "trusted": True}),
+        _rec(1, 0.95, 0.50, final={"clean_accuracy": 0.94, "robust_accuracy": 0.45,
+                                   "trusted": True}),
+        _rec(2, 0.70, 0.30),
+    ]
+    _assert_png(plots.plot_front_png(recs, tmp_path / "final.png", title="final", stage="final"))
+
+
+@pytest.mark.parametrize("recs", [[], [_rec(0, 0.1, 0.1, status="failed")]])
+def test_plot_front_png_without_completed_trials(tmp_path, recs):
+    _assert_png(plots.plot_front_png(recs, tmp_path / "empty.png", title="empty"))
+
+
+def test_plot_front_html_is_self_contained_with_trial_numbers(tmp_path, records):
+    out = plots.plot_front_html(records, tmp_path / "html" / "front.html", title="digits <eps>")
+    text = out.read_text(encoding="utf-8")
+    # Offline: no <script src=...> at all (plotly.js is inlined, ~MBs of it).
+    assert not re.search(r"<script[^>]*\bsrc\s*=", text, flags=re.IGNORECASE)
+    assert len(text) > 1_000_000
+    for r in records:
+        if r["status"] == "completed":
+            assert f"trial {r['number']}" in text
+    # Hover carries flags and params.
+    assert "R8, R13" in text
+    assert "kernel_size=3" in text
+
+
+def test_plot_front_html_empty(tmp_path):
+    out = plots.plot_front_html([], tmp_path / "empty.html", title="empty")
+    text = out.read_text(encoding="utf-8")
+    assert plots.NO_TRIALS_NOTE in text
+    assert not re.search(r"<script[^>]*\bsrc\s*=", text, flags=re.IGNORECASE)
+
+
+def test_plot_front_html_final_stage(tmp_path):
+    recs = [_rec(0, 0.90, 0.60, final={"clean_accuracy": 0.91, "robust_accuracy": 0.30,
+                                       "trusted": True})]
+    text = plots.plot_front_html(recs, tmp_path / "f.html", title="f", stage="final").read_text()
+    assert "search → final attack" in text or "search \\u2192 final attack" in text
+    assert "search 60.00%" in text
+
+
+def test_plot_hypervolume_png(tmp_path):
+    hist = [0.0, 0.2, 0.2, 0.35, 0.4]
+    _assert_png(plots.plot_hypervolume_png(hist, tmp_path / "hv" / "hv.png", title="hv"))
+    by = {"tpe": [[0.1, 0.2, 0.3], [0.0, 0.25, 0.3]], "random": [[0.1, 0.1, 0.2, 0.2]]}
+    _assert_png(plots.plot_hypervolume_png(hist, tmp_path / "hv2.png", title="bench",
+                                           by_sampler=by))
+    _assert_png(plots.plot_hypervolume_png([], tmp_path / "hv3.png", title="empty"))
+
+
+def test_hypervolume_band_statistics():
+    mean, std = plots._mean_std([[1.0, 2.0, 9.0], [3.0, 4.0]], "s")
+    assert mean == [2.0, 3.0]  # truncated to the shortest run
+    assert std == pytest.approx([2 ** 0.5, 2 ** 0.5])  # sample sd
+
+
+def test_plot_hypervolume_rejects_empty_sampler(tmp_path):
+    with pytest.raises(ValueError, match="by_sampler\\['tpe'\\]"):
+        plots.plot_hypervolume_png([0.1], tmp_path / "x.png", title="x", by_sampler={"tpe": []})

@@ -1,0 +1,165 @@
+"""A real study end to end on local Ray (2 CPUs, tiny budget): MLflow runs, artifacts, export, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(tmp_path: Path, name: str = "tiny", trials: int = 4, **extra) -> Path:
+    spec = {
+        "name": name,
+        "data": {"name": "digits", "train_subset": 600},
+        "model": {"backbone": "small_cnn"},
+        "defenses": ["kap", "kwta"],
+        "include_baseline": True,
+        "training": {"epochs": 2, "batch_size": 64},
+        "search_eval": {
+            "n_samples": 60,
+            "attacks": [{"name": "pgd", "steps": 3}],
+            "eps_curve": [0.1, 0.3],
+            "check_samples": 30,
+        },
+        "final_eval": {
+            "n_samples": 40,
+            "attacks": [{"name": "pgd", "steps": 10, "restarts": 2}],
+            "eps_curve": [],
+            "check_samples": 20,
+        },
+        "num_trials": trials,
+        "concurrency": 2,
+        "storage": str(tmp_path / "results"),
+        **extra,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "study", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def mlflow_runs(tracking_uri: str, experiment: str) -> tuple[list, list]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)
+    proc = cli("run", str(spec), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Pareto front" in proc.stdout and "Verified front" in proc.stdout
+
+    study_dir = tmp_path / "results" / "tiny"
+    records = json.loads((study_dir / "trials.json").read_text())
+    assert len(records) == 4
+    # The paper defaults are enqueued first: the baseline, KAP and k-WTA all ran.
+    assert {r["defense"] for r in records} >= {"none", "kap", "kwta"}
+    completed = [r for r in records if r["status"] == "completed"]
+    assert completed, records
+    for r in completed:
+        assert 0.0 <= r["robust_accuracy"] <= r["clean_accuracy"] <= 1.0
+    front = [r for r in records if r["on_front"]]
+    assert front and all(r["trusted"] for r in front)
+    assert all(r.get("final") for r in front), "front trials were not re-evaluated with the final attacks"
+    for name in ("front.csv", "front_final.csv", "front.png", "front.html", "hypervolume.csv", "hypervolume.png",
+                 "best.yaml", "optuna.db"):
+        assert (study_dir / name).stat().st_size > 0, name
+
+    uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    parents, children = mlflow_runs(uri, "tiny")
+    assert len(parents) == 1 and len(children) == 4
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == len(completed)
+    for child in finished:
+        assert "clean_accuracy" in child.data.metrics and "robust_accuracy" in child.data.metrics
+        assert any(k.startswith("flag.") for k in child.data.tags)
+        assert child.data.params["defense"] in ("none", "kap", "kwta")
+    from mlflow.tracking import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parents[0].info.run_id)}
+    assert {"front.csv", "front.png", "front.html", "hypervolume.png", "best.yaml"} <= artifacts
+    child_artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(finished[0].info.run_id)}
+    assert "model.pt" in child_artifacts
+
+    # Optuna saw every trial once.
+    import optuna
+
+    ot = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    assert len(ot.trials) == 4
+
+    # pareto prints the front; export → trial runs the exported configs as they are.
+    table = cli("pareto", "tiny", "--storage", str(tmp_path / "results"), cwd=tmp_path)
+    assert table.returncode == 0 and str(front[0]["number"]) in table.stdout
+    out = tmp_path / "best.yaml"
+    exported = cli("export", "tiny", "--storage", str(tmp_path / "results"), "--out", str(out), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    document = yaml.safe_load(out.read_text())
+    assert document["trials"] and all("config" in t and "metrics" in t for t in document["trials"])
+    first = document["trials"][0]
+    single = tmp_path / "one.yaml"
+    single.write_text(yaml.safe_dump(first["config"]))
+    rerun = cli("trial", str(single), "--out", str(tmp_path / "rerun"), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rerun_result = json.loads((tmp_path / "rerun" / "result.json").read_text())
+    # Same config, same seed, same CPU: the exported trial reproduces its search numbers.
+    assert rerun_result["clean_accuracy"] == pytest.approx(first["metrics"]["clean_accuracy"], abs=1e-9)
+    assert rerun_result["robust_accuracy"] == pytest.approx(first["metrics"]["robust_accuracy"], abs=1e-9)
+
+
+def test_resume_after_driver_killed_finishes_without_duplicates(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path, name="resumable", trials=6, training={"epochs": 4, "batch_size": 64})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "study", "run", str(spec)], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    study_dir = tmp_path / "results" / "resumable"
+    deadline = time.monotonic() + 300
+    done_lines = 0
+    try:
+        assert driver.stdout is not None
+        for line in driver.stdout:
+            if line.startswith("[") and "done" in line:
+                done_lines += 1
+            if done_lines >= 2:
+                break
+            assert time.monotonic() < deadline, "study made no progress"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    assert not (study_dir / "trials.json").exists(), "the study finished before it could be interrupted"
+
+    resumed = cli("resume", "resumable", "--storage", str(tmp_path / "results"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = json.loads((study_dir / "trials.json").read_text())
+    assert len(records) == 6
+    assert len({r["trial_id"] for r in records}) == 6
+    uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    parents, children = mlflow_runs(uri, "resumable")
+    assert len(parents) == 1
+    assert len(children) == 6
+    assert len({c.data.tags["robust_study.trial_id"] for c in children}) == 6
