@@ -107,6 +107,7 @@ def _plan(budget: int, n_samples: int, n_channels: int, bytes_per_channel: int) 
     Whole samples first (fewer, larger batched products), then split channels when even one
     sample's temporaries exceed the budget; never below one sample and one channel.
     """
+    bytes_per_channel = max(1, bytes_per_channel)  # an empty batch still plans one chunk
     per_sample = n_channels * bytes_per_channel
     if per_sample <= budget:
         return max(1, min(n_samples, budget // per_sample)), n_channels
@@ -223,8 +224,8 @@ def _masked_conv_backward(
     c_out, _, kh, kw = weight.shape
     taps = kh * kw
     # contiguous: the incoming gradient may be an expanded view (e.g. of a sum's ones).
-    grad = grad_out.reshape(n_samples, c_out, -1).contiguous()  # (N, C_out, L)
-    positions = grad.shape[2]
+    positions = grad_out.shape[2] * grad_out.shape[3]
+    grad = grad_out.reshape(n_samples, c_out, positions).contiguous()  # (N, C_out, L)
     w_t = weight.reshape(c_out, c_in, taps).permute(1, 2, 0).contiguous()  # (C_in, taps, C_out)
     budget = _chunk_budget(chunk_bytes, x.device, backward=True)
     n_step, c_step = _plan(budget, n_samples, c_out, c_in * taps * x.element_size())
@@ -545,7 +546,9 @@ class _DynamicKLinearFunction(torch.autograd.Function):
         index = torch.empty((n_samples, out_features, k), dtype=torch.long, device=x.device)
         buffer = x.new_empty(n_samples * step * in_features)
         for j0, j1 in _ranges(out_features, step):
-            products = buffer[: n_samples * (j1 - j0) * in_features].view(n_samples, j1 - j0, -1)
+            products = buffer[: n_samples * (j1 - j0) * in_features].view(
+                n_samples, j1 - j0, in_features
+            )
             torch.mul(x.unsqueeze(1), weight[j0:j1].unsqueeze(0), out=products)
             top = products.topk(k, dim=2, sorted=False)
             out[:, j0:j1] = top.values.sum(dim=2)
@@ -568,7 +571,7 @@ class _DynamicKLinearFunction(torch.autograd.Function):
             w_sel = weight.unsqueeze(0).expand(n_samples, -1, -1).gather(2, index)
             w_sel.mul_(grad_out.unsqueeze(2))
             grad_x = torch.zeros_like(x).scatter_add_(
-                1, index.view(n_samples, -1), w_sel.view(n_samples, -1)
+                1, index.view(n_samples, out_features * k), w_sel.view(n_samples, out_features * k)
             )
         if need_w:
             x_sel = x.unsqueeze(1).expand(-1, out_features, -1).gather(2, index)

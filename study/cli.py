@@ -135,6 +135,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "defenses":
+        from study.defense_table import defense_rows
+
+        defense_rows(n_samples=args.n, epochs=args.epochs)
+        return EXIT_OK
     from study.bench import bench_layers, format_table
 
     rows = bench_layers(batch=args.batch, device=args.device, repeats=args.repeats)
@@ -315,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="number of test samples")
 
     p = sub.add_parser("bench", help=COMMANDS["bench"][1])
-    p.add_argument("what", choices=["layers"])
+    p.add_argument("what", choices=["layers", "defenses"], help="layers | defenses (the README table on digits)")
+    p.add_argument("--n", type=int, default=200, help="defenses: attacked test samples")
+    p.add_argument("--epochs", type=int, help="defenses: override the demo's epochs")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")

@@ -22,7 +22,9 @@ Huband, "A faster algorithm for calculating hypervolume" (IEEE TEC 2006) for sli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -235,3 +237,40 @@ def hypervolume_history(
         front = np.vstack([front[~np.all(p <= front, axis=1)], p])
         history.append(current)
     return history
+
+
+def front_of_records(
+    records: Sequence[Mapping[str, Any]],
+    objectives: Sequence[str],
+    directions: Sequence[str],
+    stage: str = "search",
+) -> list[int]:
+    """Indices of the trial records on the Pareto front: the one rule every table and plot uses.
+
+    Candidates are completed, trusted trials (a trial that failed an integrity gate is never on
+    the front). With ``stage="final"`` and some re-evaluated records, only those compete, at
+    their final numbers (objectives the final evaluation does not measure, such as training
+    cost, keep the search value), and they must be trusted at both stages: a cheap attack's
+    optimistic numbers must not dominate strong-attack numbers.
+    """
+    if stage not in ("search", "final"):
+        raise ValueError(f"stage {stage!r} must be 'search' or 'final'")
+    final_stage = stage == "final" and any(r.get("final") for r in records)
+    indices, points = [], []
+    for i, r in enumerate(records):
+        if r.get("status") != "completed" or not r.get("trusted"):
+            continue
+        values: Mapping[str, Any] = r
+        if final_stage:
+            final = r.get("final")
+            if not final or not final.get("trusted"):
+                continue
+            values = {**r, **final}
+        point = [values.get(o) for o in objectives]
+        if any(v is None or not math.isfinite(float(v)) for v in point):
+            continue
+        indices.append(i)
+        points.append([float(v) for v in point])
+    if not points:
+        return []
+    return sorted(indices[j] for j in pareto_front(points, directions))

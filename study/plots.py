@@ -198,13 +198,16 @@ def _points(
     return points, skipped
 
 
-def _front_of(points: Sequence[_Point], directions: tuple[str, str], stage: str) -> list[_Point]:
-    final_stage = stage == "final" and any(p.reevaluated for p in points)
-    candidates = [p for p in points if p.trusted and (p.reevaluated or not final_stage)]
-    if not candidates:
-        return []
-    chosen = pareto.pareto_front([list(p.values) for p in candidates], list(directions))
-    return [candidates[j] for j in chosen]
+def _front_of(
+    points: Sequence[_Point],
+    records: Sequence[Mapping[str, Any]],
+    objectives: tuple[str, str],
+    directions: tuple[str, str],
+    stage: str,
+) -> list[_Point]:
+    # The front itself comes from the one shared rule (study.pareto.front_of_records).
+    on_front = set(pareto.front_of_records(records, objectives, directions, stage))
+    return [p for p in points if p.index in on_front]
 
 
 def front_indices(
@@ -232,7 +235,7 @@ def front_indices(
     """
     objectives, directions = _check_objectives(objectives, directions, stage)
     points, _ = _points(records, objectives, stage)
-    return sorted(p.index for p in _front_of(points, directions, stage))
+    return sorted(p.index for p in _front_of(points, records, objectives, directions, stage))
 
 
 def _staircase(
@@ -325,7 +328,7 @@ def plot_front_png(
 
     objectives, directions = _check_objectives(objectives, directions, stage)
     points, skipped = _points(records, objectives, stage)
-    front = _front_of(points, directions, stage)
+    front = _front_of(points, records, objectives, directions, stage)
     front_ids = {p.index for p in front}
     final_stage = any(p.reevaluated for p in points)
     out = _prepare_path(path)
@@ -481,7 +484,7 @@ def plot_front_html(
 
     objectives, directions = _check_objectives(objectives, directions, stage)
     points, skipped = _points(records, objectives, stage)
-    front = _front_of(points, directions, stage)
+    front = _front_of(points, records, objectives, directions, stage)
     front_ids = {p.index for p in front}
     final_stage = any(p.reevaluated for p in points)
     out = _prepare_path(path)

@@ -347,16 +347,10 @@ def collect_records(spec: StudySpec, grid: Any) -> list[dict[str, Any]]:
 
 def front_records(records: list[dict[str, Any]], objectives: list[str], directions: list[str],
                   stage: str = "search") -> list[dict[str, Any]]:
-    """The trusted, completed trials on the Pareto front (by search or final numbers)."""
-    from study.pareto import pareto_front
+    """The records on the front (trusted, completed; see study.pareto.front_of_records)."""
+    from study.pareto import front_of_records
 
-    def values(r: dict[str, Any]) -> dict[str, Any]:
-        return r["final"] if stage == "final" else r
-
-    pool = [r for r in records if r["status"] == "completed" and (stage == "search" or r.get("final"))]
-    pool = [r for r in pool if values(r)["trusted"]]
-    points = [[values(r)[o] if o in values(r) else r[o] for o in objectives] for r in pool]
-    return [pool[i] for i in pareto_front(points, directions)] if pool else []
+    return [records[i] for i in front_of_records(records, objectives, directions, stage)]
 
 
 def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any) -> tuple[list, list]:

@@ -207,22 +207,9 @@ def test_repr_names_the_class(name: str) -> None:
     assert repr(layer).startswith(type(layer).__name__)
 
 
-# Known issue (reported): CAS keeps the last auxiliary logits, a non-leaf tensor, as an attribute,
-# which deepcopy refuses (and which holds the previous step's graph alive). strict: flips when fixed.
-_DEEPCOPY_XFAIL = {"cas": "CAS.last_aux_logits holds a non-leaf tensor"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_DEEPCOPY_XFAIL[n]))
-        if n in _DEEPCOPY_XFAIL
-        else n
-        for n in NAMES
-    ],
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_deepcopy_after_a_training_forward(name: str) -> None:
-    """Training loops copy models (best checkpoint, EMA/SWA): state from a forward must not block it."""
+    """Training loops copy models (best checkpoint, EMA): forward state must not block it."""
     case, layer = _case(name), _make(name)
     layer.train()
     x, y = _inputs(case)

@@ -76,9 +76,9 @@ def test_front_indices_uses_study_pareto(monkeypatch, records):
     assert len(calls) == 1
     pts, dirs = calls[0]
     assert dirs == ["max", "max"]
-    # Only the 5 trusted completed trials are candidates, in percent.
+    # Only the 5 trusted completed trials are candidates, as recorded (fractions).
     assert len(pts) == 5
-    assert [95.0, 40.0] in [[pytest.approx(a), pytest.approx(b)] for a, b in pts]
+    assert [0.95, 0.40] in [[pytest.approx(a), pytest.approx(b)] for a, b in pts]
 
 
 def test_front_indices_respects_directions():

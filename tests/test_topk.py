@@ -359,3 +359,33 @@ def test_dynamic_k_bad_arguments(kwargs: dict, message: str) -> None:
 def test_dynamic_k_bad_input() -> None:
     with pytest.raises(ValueError, match=r"input shape \(2, 9\)"):
         DynamicKLinear(8, 3, k=2)(torch.randn(2, 9))
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_empty_batch_and_strided_input(criterion: str) -> None:
+    torch.manual_seed(9)
+    layer = TopKConv2d(6, 5, 3, k=2, criterion=criterion, padding=1)
+    x0 = torch.randn(0, 6, 5, 5, requires_grad=True)
+    layer(x0).sum().backward()
+    assert x0.grad is not None and x0.grad.shape == x0.shape
+    # channels_last and transposed (non-contiguous) inputs give the naive result.
+    for x in (
+        torch.randn(3, 6, 5, 5).to(memory_format=torch.channels_last),
+        torch.randn(3, 5, 6, 5).transpose(1, 2),
+    ):
+        x.requires_grad_()
+        y = layer(x)
+        y_ref = topk_conv2d_naive(x, layer.weight, layer.bias, 2, criterion, 1, 1)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        # y.sum() hands backward an expanded (stride-0) gradient.
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        (gx_ref,) = torch.autograd.grad(y_ref.sum(), x)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_k_empty_batch() -> None:
+    layer = DynamicKLinear(8, 3, k=2)
+    x = torch.randn(0, 8, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 3) and x.grad is not None and x.grad.shape == (0, 8)
