@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	# torchattacks declares requests~=2.25.1 (conflicts with mlflow/ray) but never imports it.
 	$(PY) -m pip install -q --no-deps torchattacks==3.5.1
+	# The browser test drives Debian's Chromium (headless). Install it when we can (root with
+	# apt-get); never fail the install over it: without it that one test skips, saying why.
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -q && apt-get install -y -q --no-install-recommends chromium; } \
+	  || echo "chromium not installed: the browser test will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -275,6 +275,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from study.tracking import sync_study
+
+    study_dir = (Path(args.storage) / args.name).resolve()
+    if not (study_dir / "study.json").is_file():
+        raise ConfigError(f"no study {args.name!r} under {study_dir.parent}")
+    report = sync_study(study_dir)
+    print(
+        f"study {args.name}: {report.trials} trials, {report.replayed} run(s) logged now"
+        + (", study run completed" if report.parent_logged else "")
+    )
+    return EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -299,6 +313,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "resume": (cmd_resume, "continue a study whose driver died"),
     "pareto": (cmd_pareto, "print a finished study's Pareto front"),
     "export": (cmd_export, "write the front's trials as re-runnable trial configs"),
+    "sync": (cmd_sync, "log into MLflow what a study could not log while its server was away"),
     "ui": (cmd_ui, "open the MLflow UI for the studies' store (127.0.0.1 by default)"),
 }
 
@@ -336,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--storage", help="results directory (default: results)")
 
-    for command in ("resume", "pareto", "export"):
+    for command in ("resume", "pareto", "export", "sync"):
         p = sub.add_parser(command, help=COMMANDS[command][1])
         p.add_argument("name", help="study name")
         p.add_argument("--storage", default="results", help="results directory (default: results)")
@@ -361,8 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     handler = COMMANDS[args.command][0]
+    from study.tracking import MlflowUnsynced
+
     try:
         return handler(args)
+    except MlflowUnsynced as err:  # results are safe on disk, but not bad input: exit 1
+        print(f"robust-study {args.command}: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except ConfigError as err:
         print(f"robust-study {args.command}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

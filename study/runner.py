@@ -49,12 +49,14 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
     data = load_data(config.data, seed=config.seed)  # cached per worker process
 
     resume = None
+    resumed_from = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state_file = Path(directory) / "state.pt"
             if state_file.is_file():
                 resume = torch.load(state_file, map_location="cpu", weights_only=True)
+                resumed_from = int(resume.get("epoch", 0))
 
     placeholders = {o: 0.0 for o in spec.objectives}
 
@@ -88,6 +90,7 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
         "status": result.status,
         "reason": result.reason or "",
         "final": 1,
+        "resumed_from_epoch": resumed_from,
         "flags_json": json.dumps(result.flags, default=float),
         **{f"robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
     }
@@ -167,8 +170,14 @@ def init_ray(spec: StudySpec) -> None:
     if ray.is_initialized():
         return
     if spec.address is None:
-        # A local instance stays on loopback (DESIGN.md): no traffic leaves the machine.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # A local instance stays on loopback (DESIGN.md): no traffic leaves the machine. The
+        # variable reaches the processes ray.init starts (GCS, raylet bind 127.0.0.1), but Ray's
+        # Python side read it into a constant when ray was first imported (ray.tune already is):
+        # without updating that too, the node takes the machine's outward address.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(
             num_cpus=max(int(spec.resources.cpu * spec.concurrency), os.cpu_count() or 1),
             include_dashboard=False,
@@ -217,13 +226,32 @@ def tracking_uri_for(spec: StudySpec) -> str:
     return spec.mlflow.tracking_uri or default_tracking_uri(spec.study_dir().parent)
 
 
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """An explicit host:port (or ray://host:port) must accept connections: fail in seconds, not
+    after Ray's minute of retries."""
+    import socket
+
+    if address is None or address == "auto":
+        return
+    target = address.removeprefix("ray://").removeprefix("http://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"address: {address!r} must be auto, host:port or ray://host:port")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConfigError(f"address: cannot reach Ray at {address} ({err.strerror or err})") from None
+
+
 def preflight(spec: StudySpec) -> None:
-    """Everything checkable before Ray starts: dataset present, MLflow reachable."""
+    """Everything checkable before Ray starts: dataset present, MLflow and Ray reachable."""
     from study.data import load_data
     from study.tracking import check_reachable
 
     load_data(spec.data, seed=spec.seed)
     check_reachable(tracking_uri_for(spec))
+    check_ray_address(spec.address)
 
 
 def run_study(spec: StudySpec, *, resume: bool = False, progress: bool = True) -> StudyOutcome:
@@ -250,7 +278,7 @@ def run_study(spec: StudySpec, *, resume: bool = False, progress: bool = True) -
     check_cluster_resources(spec)
 
     uri = tracking_uri_for(spec)
-    study_run = StudyRun(uri, spec.experiment, spec.study_dir().parent / "mlartifacts")
+    study_run = StudyRun(uri, spec.experiment, spec.study_dir().parent / "mlartifacts", study_dir=study_dir)
     state = json.loads(state_file.read_text()) if resume else {}
     study_dir.mkdir(parents=True, exist_ok=True)
     parent_id = study_run.start(
@@ -307,10 +335,14 @@ def run_study(spec: StudySpec, *, resume: bool = False, progress: bool = True) -
         )
     grid = tuner.fit()
     records = collect_records(spec, grid)
-    front, final_front = finish_study(spec, records, study_run)
-    state = json.loads(state_file.read_text())
-    state["status"] = "finished"
-    _write_json(state_file, state)
+    from study.tracking import MlflowUnsynced
+
+    try:
+        front, final_front = finish_study(spec, records, study_run)
+    except MlflowUnsynced:
+        _set_status(state_file, "finished, MLflow not synced")
+        raise
+    _set_status(state_file, "finished")
     return StudyOutcome(study_dir, records, front, final_front, time.perf_counter() - start, parent_id, uri)
 
 
@@ -334,6 +366,7 @@ def collect_records(spec: StudySpec, grid: Any) -> list[dict[str, Any]]:
             "flags_failed": [f["id"] for f in flags if f.get("gate") and not f.get("passed")],
             "checkpoint": result.checkpoint.path if (final and result.checkpoint) else None,
             "node_ip": metrics.get("node_ip"),
+            "resumed_from_epoch": metrics.get("resumed_from_epoch", 0),
             "finished_at": metrics.get("timestamp", 0),
         }
         for objective in ("clean_accuracy", "robust_accuracy", "train_seconds", "num_parameters"):
@@ -376,6 +409,12 @@ def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any)
     )
     study_run.finish()
     return front, final_front
+
+
+def _set_status(state_file: Path, status: str) -> None:
+    state = json.loads(state_file.read_text())
+    state["status"] = status
+    _write_json(state_file, state)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -267,7 +267,10 @@ def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
     except ValidationError as err:
         raise ConfigError(f"{source}: {_format_error(err)}") from None
     # Every defense's paper default must build (catches out-of-range fixed overrides now).
-    space = spec.conditional_space()
+    try:
+        space = spec.conditional_space()
+    except ValueError as err:
+        raise ConfigError(f"{source}: defenses: {str(err).splitlines()[0]}") from None
     for point in space.paper_default_configs():
         try:
             check_buildable(trial_config_for(spec, point))
