@@ -96,41 +96,25 @@ def _print_epoch(report: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from study.config import AttackConfig, load_trial_config
-    from study.data import eval_tensors, load_data
-    from study.evaluate import evaluate
+    from study.config import ATTACKS, AttackConfig, load_trial_config
     from study.trial import load_model
+    from study.verify import reevaluate
 
     config = load_trial_config(f"{args.dir}/config.yaml")
-    try:
-        attack = AttackConfig(name=args.attack, eps=args.eps)
-    except ValueError as err:
-        from study.config import ATTACKS
-
-        raise ConfigError(f"--attack {args.attack!r} is not allowed; choose one of {', '.join(ATTACKS)}") from err
-    eval_cfg = config.eval.model_copy(update={"attacks": [attack]})
+    load_model(args.dir)  # weights that do not fit the config fail here, as one line
+    if args.attack not in ATTACKS:
+        raise ConfigError(f"--attack {args.attack!r} is not allowed; choose one of {', '.join(ATTACKS)}")
+    update: dict[str, Any] = {"attacks": [AttackConfig(name=args.attack, eps=args.eps)]}
     if args.eps is not None:
-        eval_cfg = eval_cfg.model_copy(update={"eps": args.eps})
+        update["eps"] = args.eps
     if args.n is not None:
-        eval_cfg = eval_cfg.model_copy(update={"n_samples": args.n})
-    model = load_model(args.dir)
-    bundle = load_data(config.data, seed=config.seed)
-    x, y = eval_tensors(bundle.test, eval_cfg.n_samples, seed=config.seed)
-    result = evaluate(
-        model,
-        x,
-        y,
-        eval_cfg,
-        num_classes=bundle.info.num_classes,
-        defense=config.model.defense,
-        defense_params=dict(config.model.defense_params),
-        recipe=config.training.recipe,
-        seed=config.seed,
-    )
-    print(f"clean  {_pct(result.clean_accuracy)}\nrobust {_pct(result.robust_accuracy)}")
-    for a in result.attacks:
+        update["n_samples"] = args.n
+    eval_cfg = config.eval.model_copy(update=update)
+    result = reevaluate(args.dir, eval_cfg.model_dump(mode="json"))
+    print(f"clean  {_pct(result['clean_accuracy'])}\nrobust {_pct(result['robust_accuracy'])}")
+    for a in result["attacks"]:
         print(f"  {a['name']:<16} {_pct(a['accuracy'])}  {json.dumps(a.get('settings', {}))}")
-    print(f"trusted {'yes' if result.trusted else 'NO'}")
+    print(f"trusted {'yes' if result['trusted'] else 'NO'}")
     return EXIT_OK
 
 

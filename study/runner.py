@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -439,7 +438,3 @@ def load_records(storage: str, name: str) -> tuple[dict[str, Any], list[dict[str
     if not trials_file.is_file():
         raise ConfigError(f"study {name!r} has no results yet (still running, or resume it: robust-study resume {name})")
     return json.loads(state_file.read_text()), json.loads(trials_file.read_text())
-
-
-def print_err(message: str) -> None:
-    print(message, file=sys.stderr)
