@@ -163,3 +163,23 @@ def test_resume_after_driver_killed_finishes_without_duplicates(tmp_path: Path) 
     assert len(parents) == 1
     assert len(children) == 6
     assert len({c.data.tags["robust_study.trial_id"] for c in children}) == 6
+
+
+def test_early_stopped_trials_never_reach_the_front_or_optuna(tmp_path: Path) -> None:
+    # ASHA on: trials cut short are recorded as "stopped", kept off the front, and told to
+    # Optuna as pruned (Ray's OptunaSearch would otherwise tell it their under-trained numbers).
+    spec = tiny_spec(tmp_path, name="asha", trials=6, training={"epochs": 4, "batch_size": 64},
+                     early_stopping={"enabled": True, "grace_epochs": 1, "reduction_factor": 2})
+    proc = cli("run", str(spec), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((tmp_path / "results" / "asha" / "trials.json").read_text())
+    assert len(records) == 6
+    stopped = [r for r in records if r["status"] == "stopped"]
+    assert stopped, "ASHA stopped no trial"
+    assert not any(r["on_front"] for r in stopped)
+    import optuna
+
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'results' / 'asha' / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("PRUNED") == len(stopped)
+    assert states.count("COMPLETE") == sum(r["status"] == "completed" for r in records)
