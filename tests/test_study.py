@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -19,33 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_spec(tmp_path: Path, name: str = "tiny", trials: int = 4, **extra) -> Path:
-    spec = {
-        "name": name,
-        "data": {"name": "digits", "train_subset": 600},
-        "model": {"backbone": "small_cnn"},
-        "defenses": ["kap", "kwta"],
-        "include_baseline": True,
-        "training": {"epochs": 2, "batch_size": 64},
-        "search_eval": {
-            "n_samples": 60,
-            "attacks": [{"name": "pgd", "steps": 3}],
-            "eps_curve": [0.1, 0.3],
-            "check_samples": 30,
-        },
-        "final_eval": {
-            "n_samples": 40,
-            "attacks": [{"name": "pgd", "steps": 10, "restarts": 2}],
-            "eps_curve": [],
-            "check_samples": 20,
-        },
-        "num_trials": trials,
-        "concurrency": 2,
-        "storage": str(tmp_path / "results"),
-        **extra,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    """conftest's tiny study with the baseline, KAP and k-WTA (unless ``defenses`` says otherwise)."""
+    return write_spec(tmp_path, name, trials, **{"defenses": ["kap", "kwta"], **extra})
 
 
 def cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
