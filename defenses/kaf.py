@@ -120,12 +120,15 @@ def _row_chunks(n: int, c: int, row_elements: int) -> list[tuple[int, int, int, 
 
 
 def _gauss(xc: Tensor, dictionary: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor | None]:
-    """exp(-gamma (x - d_i)^2) as (..., M, D), and x - d_i when autograd must see it.
+    """exp(-gamma (x - d_i)^2) as (..., D, M), and x - d_i when autograd must see it.
 
-    Without grad mode (forward, and backward unless create_graph) the terms are built in place
-    in one buffer: 4 passes over it instead of 5 allocations.
+    The dictionary axis comes before the positions: every reduction over it is then a small
+    matrix times a (D, M) matrix with contiguous rows, which BLAS does several times faster than
+    the mat-vec over a (M, D) layout (measured on CPU: 36 vs 287 us per 512K terms), and forming
+    the block is a contiguous broadcast too. Without grad mode (forward, and backward unless
+    create_graph) the terms are built in place in one buffer: 4 passes instead of 5 allocations.
     """
-    diff = xc.unsqueeze(-1) - dictionary
+    diff = xc.unsqueeze(-2) - dictionary.unsqueeze(-1)
     if torch.is_grad_enabled():
         return torch.exp(-gamma * diff.square()), diff
     return diff.mul_(diff).mul_(-gamma).exp_(), None
@@ -135,8 +138,8 @@ class _KafFunction(torch.autograd.Function):
     """Gaussian KAF that saves only (x, alpha, dictionary, gamma) for backward.
 
     Inside both passes x is viewed as (N, C, M) and processed in blocks of rows (n, c) holding at
-    most _CHUNK_ELEMENTS Gaussian terms (n, c, M, D); the per-channel reduction over dictionary
-    points is a batched mat-vec, which avoids transposing x.
+    most _CHUNK_ELEMENTS Gaussian terms, laid out (n, c, D, M); the per-channel sums over the
+    dictionary are batched (1 or 2, D) @ (D, M) products, which avoid transposing x.
 
     The backward is written with differentiable torch ops and is not marked once_differentiable,
     so double backward (e.g. gradient penalties) works by autograd through the recomputation.
@@ -151,10 +154,10 @@ class _KafFunction(torch.autograd.Function):
         m = math.prod(x.shape[2:])
         xv = x.reshape(n, c, m)
         out = torch.empty_like(xv)
-        a = alpha.unsqueeze(-1)  # (C, D, 1): the per-channel sum over i is a batched mat-vec
+        a = alpha.unsqueeze(-2)  # (C, 1, D): the per-channel sum over i is a (1, D) @ (D, M) product
         for n0, n1, c0, c1 in _row_chunks(n, c, m * dictionary.numel()):
             gauss, _ = _gauss(xv[n0:n1, c0:c1], dictionary, gamma)
-            out[n0:n1, c0:c1] = (gauss @ a[c0:c1]).squeeze(-1)
+            out[n0:n1, c0:c1] = (a[c0:c1] @ gauss).squeeze(-2)
         return out.view(x.shape)
 
     @staticmethod
@@ -173,31 +176,34 @@ class _KafFunction(torch.autograd.Function):
         grad_alpha = torch.zeros_like(alpha) if need_alpha else None
         grad_dict = torch.zeros_like(alpha) if need_dict else None  # per channel, summed at the end
         grad_gamma = torch.zeros_like(alpha) if need_gamma else None
-        # sum_i alpha_i g_i (x - d_i) = x * [g @ alpha] - [g @ (alpha * d)]: one product with two
-        # columns instead of an extra pass forming g_i * (x - d_i) over the whole block.
-        a2 = torch.stack((alpha, alpha * dictionary), dim=-1)  # (C, D, 2)
+        # sum_i alpha_i g_i (x - d_i) = x * [alpha @ g] - [(alpha * d) @ g]: one product with two
+        # rows instead of an extra pass forming g_i * (x - d_i) over the whole block.
+        a2 = torch.stack((alpha, alpha * dictionary), dim=-2)  # (C, 2, D)
+        a1 = alpha.unsqueeze(-2)  # (C, 1, D)
         exact = need_dict or need_gamma or torch.is_grad_enabled()
         for n0, n1, c0, c1 in _row_chunks(n, c, m * dictionary.numel()):
-            xc, gc = xv[n0:n1, c0:c1], g[n0:n1, c0:c1]
+            # gc: (n, c, 1, M). Sums over positions are gc @ block^T: a row times a transposed
+            # view, which BLAS runs as one gemm (block @ gc^T as a mat-vec was 8x slower).
+            xc, gc = xv[n0:n1, c0:c1], g[n0:n1, c0:c1].unsqueeze(-2)
             if exact:
-                diff = xc.unsqueeze(-1) - dictionary
+                diff = xc.unsqueeze(-2) - dictionary.unsqueeze(-1)
                 gauss = torch.exp(-gamma * diff.square())
             else:
                 gauss, diff = _gauss(xc, dictionary, gamma)
             if need_alpha:
                 # dL/dalpha[c,i] = sum_{n,m} g * gauss_i
-                grad_alpha[c0:c1] += (gc.unsqueeze(-2) @ gauss).squeeze(-2).sum(0)
+                grad_alpha[c0:c1] += (gc @ gauss.transpose(-1, -2)).squeeze(-2).sum(0)
             if need_x and diff is None:
-                sums = gauss @ a2[c0:c1]  # (n, c, M, 2)
-                grad_x[n0:n1, c0:c1] = xc * sums[..., 0] - sums[..., 1]
+                sums = a2[c0:c1] @ gauss  # (n, c, 2, M)
+                grad_x[n0:n1, c0:c1] = xc * sums[..., 0, :] - sums[..., 1, :]
             elif need_x:
-                grad_x[n0:n1, c0:c1] = ((gauss * diff) @ alpha[c0:c1].unsqueeze(-1)).squeeze(-1)
+                grad_x[n0:n1, c0:c1] = (a1[c0:c1] @ (gauss * diff)).squeeze(-2)
             if need_dict:
                 # d/d d_i = +2 gamma * alpha[c,i] * gauss_i * diff_i
-                grad_dict[c0:c1] += (gc.unsqueeze(-2) @ (gauss * diff)).squeeze(-2).sum(0)
+                grad_dict[c0:c1] += (gc @ (gauss * diff).transpose(-1, -2)).squeeze(-2).sum(0)
             if need_gamma:
                 # d/d gamma = -alpha[c,i] * gauss_i * diff_i^2
-                grad_gamma[c0:c1] += (gc.unsqueeze(-2) @ (gauss * diff.square())).squeeze(-2).sum(0)
+                grad_gamma[c0:c1] += (gc @ (gauss * diff.square()).transpose(-1, -2)).squeeze(-2).sum(0)
         if need_x:
             grad_x = (-2.0 * gamma) * grad_x.view(x.shape) * grad_out
         if need_dict:

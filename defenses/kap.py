@@ -149,6 +149,35 @@ def _avg_scale(
     return factor.unsqueeze(-1).to(device=like.device, dtype=like.dtype)
 
 
+#: Below this many spatial positions per channel the channels-last pooling kernel has too little
+#: to vectorise over and the shifted adds are faster (measured on CPU: ResNet-18 layer4, 4x4).
+_BOX_MIN_POSITIONS = 64
+
+
+def _symmetric_box(view: Tensor, kernel_size: int, stride: int, include_pad: bool) -> bool:
+    """Whether the fast 2D path applies: 2D grid, odd K, stride 1, pad counted, enough positions."""
+    return (
+        view.dim() == 4
+        and stride == 1
+        and kernel_size % 2 == 1
+        and include_pad
+        and view.shape[-1] >= _BOX_MIN_POSITIONS
+    )
+
+
+def _box_pool_2d(view: Tensor, kernel_size: int) -> Tensor:
+    """K x K zero-padded mean over the grid axes of a contiguous (N, rows, cols, M) view.
+
+    Permuted to (N, M, rows, cols) the view *is* a channels-last tensor with M "channels", so
+    avg_pool2d's channels-last kernel pools it in one vectorised pass without any copy, and its
+    output permutes back to the same contiguous (N, rows, cols, M) layout.
+    """
+    pooled = F.avg_pool2d(
+        view.permute(0, 3, 1, 2), kernel_size, 1, kernel_size // 2, count_include_pad=True
+    )
+    return pooled.permute(0, 2, 3, 1)
+
+
 class _ChannelAvgPool(torch.autograd.Function):
     """Channel average pooling on the (N, *grid, M) view that saves nothing for backward.
 
@@ -164,6 +193,8 @@ class _ChannelAvgPool(torch.autograd.Function):
         view: Tensor, kernel_size: int, stride: int, left: int, include_pad: bool
     ) -> Tensor:
         axes = tuple(view.shape[1:-1])
+        if _symmetric_box(view, kernel_size, stride, include_pad):
+            return _box_pool_2d(view, kernel_size)
         out = view
         for axis in range(1, len(axes) + 1):
             out = _window_sum(out, axis, kernel_size, left)
@@ -183,6 +214,9 @@ class _ChannelAvgPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         axes, kernel_size, stride, left, include_pad = ctx.args
+        if _symmetric_box(grad_out, kernel_size, stride, include_pad):
+            # A zero-padded box mean with odd K and stride 1 is a symmetric operator: A^T = A.
+            return _box_pool_2d(grad_out.contiguous(), kernel_size), None, None, None, None
         grad = grad_out * _avg_scale(axes, kernel_size, stride, left, include_pad, grad_out)
         mirrored = kernel_size - 1 - left  # the transpose sums offsets -(K-1-left)..left
         for axis in range(len(axes), 0, -1):

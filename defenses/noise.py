@@ -62,7 +62,9 @@ class ActivationNoise(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.active:
             return x
-        return x + self.sigma * torch.randn_like(x)
+        # Draw N(0, sigma^2) directly and add x into it in place: on a memory-bound CPU every
+        # full pass over the activations counts (x + sigma * randn_like(x) makes three).
+        return torch.empty_like(x, memory_format=torch.contiguous_format).normal_(0.0, self.sigma).add_(x)
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, at_eval={self.at_eval}"

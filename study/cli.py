@@ -124,6 +124,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         defense_rows(n_samples=args.n, epochs=args.epochs)
         return EXIT_OK
+    if args.what == "overhead":
+        from study.bench_overhead import bench_overhead, format_overhead
+
+        print(format_overhead(bench_overhead(num_trials=args.trials or 16, concurrency=args.concurrency)))
+        return EXIT_OK
+    if args.what == "load":
+        from study.bench_load import bench_load, format_load
+
+        storage = Path(args.storage or "results")
+        if (storage / "bench_load").exists():
+            raise ConfigError(f"--storage: {storage / 'bench_load'} already exists; remove it or choose another --storage")
+        print(format_load(bench_load(num_trials=args.trials or 100, concurrency=args.concurrency, storage=storage)))
+        return EXIT_OK
+    if args.what == "search":
+        from study.bench_search import bench_search, format_search
+
+        print(format_search(bench_search(seeds=args.seeds, max_trials=args.trials or 64, epochs=args.epochs or 3)))
+        return EXIT_OK
+    if args.what == "evaluation":
+        from study.bench_eval import bench_evaluation, format_evaluation
+
+        print(format_evaluation(bench_evaluation(args.study, args.storage or "results")))
+        return EXIT_OK
     from study.bench import bench_layers, format_table
 
     rows = bench_layers(batch=args.batch, device=args.device, repeats=args.repeats)
@@ -288,6 +311,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 
+#: Every benchmark ``robust-study bench`` runs (README: Benchmarks).
+BENCHMARKS: dict[str, str] = {
+    "layers": "defense cost per training step at ResNet-18 scale",
+    "defenses": "the defense table on digits",
+    "overhead": "the same trials in a plain loop vs as a study",
+    "search": "hypervolume per sampler after n trials",
+    "evaluation": "search cheap/verify strong vs strong on every trial",
+    "load": "100 tiny trials, audited",
+}
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "trial": (cmd_trial, "train and attack one configuration locally"),
     "evaluate": (cmd_evaluate, "re-evaluate a saved trial's model with one attack"),
@@ -319,12 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="number of test samples")
 
     p = sub.add_parser("bench", help=COMMANDS["bench"][1])
-    p.add_argument("what", choices=["layers", "defenses"], help="layers | defenses (the README table on digits)")
+    p.add_argument("what", choices=BENCHMARKS, help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
     p.add_argument("--n", type=int, default=200, help="defenses: attacked test samples")
-    p.add_argument("--epochs", type=int, help="defenses: override the demo's epochs")
+    p.add_argument("--epochs", type=int, help="defenses: override the demo's epochs; search: epochs per trial (3)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--trials", type=int, help="overhead: trials (16); load: trials (100); search: max trials (64)")
+    p.add_argument("--concurrency", type=int, default=2, help="overhead, load: trials at once")
+    p.add_argument("--seeds", type=int, default=3, help="search: seeds per sampler")
+    p.add_argument("--study", default="demo", help="evaluation: a finished study (default demo)")
+    p.add_argument("--storage", help="evaluation, load: results directory (default results)")
+
     p = sub.add_parser("run", help=COMMANDS["run"][1])
     p.add_argument("spec", help="study spec YAML or built-in name (demo, cifar10_kap, ...)")
     p.add_argument("--name", help="override the study name")

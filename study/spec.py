@@ -103,6 +103,8 @@ class StudySpec(_Strict):
         default_factory=lambda: EvalConfig(attacks=[{"name": "autoattack"}], eps_curve=[])  # type: ignore[list-item]
     )
     """Strong attacks that re-evaluate the front after the search (search cheap, verify strong)."""
+    verify: bool = True
+    """Re-evaluate the front with final_eval. Off: the front stands on the search attacks alone."""
     objectives: list[str] = Field(default_factory=lambda: ["clean_accuracy", "robust_accuracy"])
     """Objectives: clean_accuracy, robust_accuracy (max) and optionally train_seconds or num_parameters (min)."""
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)

@@ -224,3 +224,22 @@ def test_odd_kernel_pools_without_padded_copy_and_keeps_dtype(monkeypatch):
 def test_empty_batch():
     y = KernelAveragePool(kernel_size=2, stride=2, dims=2)(torch.randn(0, 16, 3, 3))
     assert y.shape == (0, 4, 3, 3)
+
+
+@pytest.mark.parametrize("positions", [(2, 3), (8, 8), (9, 10)])
+@pytest.mark.parametrize(("k", "c"), [(3, 64), (5, 12), (3, 7), (1, 16)])
+def test_2d_box_path_matches_loop_and_gradcheck(positions, k, c):
+    # Odd K, stride 1, pad counted: enough positions per channel select the channels-last pooling
+    # path (its backward reuses the forward, the operator being symmetric); fewer take shifted adds.
+    assert (math.prod(positions) >= kap_module._BOX_MIN_POSITIONS) == (positions != (2, 3))
+    torch.manual_seed(5)
+    x = torch.randn(2, c, *positions, dtype=torch.float64, requires_grad=True)
+    kap = KernelAveragePool(kernel_size=k, stride=1, dims=2, count_include_pad=True)
+    torch.testing.assert_close(kap(x), _loop_kap_2d(x, k, 1, "avg", True))
+    assert torch.autograd.gradcheck(kap, (x[:1].detach().requires_grad_(),))
+    # The gradient of a weighted sum equals the loop formula's (a second, independent check).
+    w = torch.randn_like(x)
+    (g,) = torch.autograd.grad((kap(x) * w).sum(), x)
+    xr = x.detach().requires_grad_()
+    (gr,) = torch.autograd.grad((_loop_kap_2d(xr, k, 1, "avg", True) * w).sum(), xr)
+    torch.testing.assert_close(g, gr)

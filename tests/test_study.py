@@ -81,6 +81,17 @@ def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> 
     child_artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(finished[0].info.run_id)}
     assert "model.pt" in child_artifacts
 
+    # The evaluation-cost benchmark on this study: every completed trial attacked with the strong
+    # suite; the verification it compares against is the one this study ran.
+    from study.bench_eval import bench_evaluation, format_evaluation
+
+    cost = bench_evaluation("tiny", tmp_path / "results", workers=1)
+    assert cost["trials"] == len(completed)
+    assert cost["strong_everywhere_s"] > 0 and cost["verify_attack_s"] > 0
+    assert cost["verify_attack_s"] == pytest.approx(sum(r["final"]["seconds"] for r in records if r.get("final")))
+    assert {t["number"] for t in cost["front_as_run"]} == {r["number"] for r in records if r["on_final_front"]}
+    assert cost["front_strong_everywhere"], format_evaluation(cost)
+
     # Optuna saw every trial once.
     import optuna
 
@@ -139,6 +150,16 @@ def test_resume_after_driver_killed_finishes_without_duplicates(tmp_path: Path) 
     assert len(parents) == 1
     assert len(children) == 6
     assert len({c.data.tags["robust_study.trial_id"] for c in children}) == 6
+    # Optuna: each completed trial once; nothing left RUNNING (an orphan of the killed driver,
+    # asked for after Tune's last snapshot, is closed as FAIL; the resumed study replaced it).
+    import optuna
+
+    ot = optuna.load_study(study_name="resumable", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    states = [t.state.name for t in ot.trials]
+    assert "RUNNING" not in states, states
+    # Completed and trusted → COMPLETE; an untrusted evaluation is told as FAIL (not evidence).
+    assert states.count("COMPLETE") == sum(r["status"] == "completed" and r["trusted"] for r in records)
+    assert set(states) <= {"COMPLETE", "FAIL"}, states
 
 
 def test_early_stopped_trials_never_reach_the_front_or_optuna(tmp_path: Path) -> None:
@@ -158,4 +179,5 @@ def test_early_stopped_trials_never_reach_the_front_or_optuna(tmp_path: Path) ->
     study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'results' / 'asha' / 'optuna.db'}")
     states = [t.state.name for t in study.trials]
     assert states.count("PRUNED") == len(stopped)
-    assert states.count("COMPLETE") == sum(r["status"] == "completed" for r in records)
+    assert states.count("COMPLETE") == sum(r["status"] == "completed" and r["trusted"] for r in records)
+    assert states.count("FAIL") == sum(r["status"] == "completed" and not r["trusted"] for r in records)
