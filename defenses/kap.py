@@ -47,23 +47,38 @@ def _check_stride(stride: object) -> None:
     _check_int("stride", stride, 1)
 
 
-def channel_grid(channels: int) -> tuple[int, int]:
+def channel_grid(channels: int, stride: int = 1) -> tuple[int, int]:
     """Grid (rows, cols) on which 2D KAP lays out the channels, row-major.
 
-    rows = the largest divisor of ``channels`` that is <= sqrt(channels), cols = channels / rows,
-    so channel ``i * cols + j`` sits at grid cell (i, j). Prime channel counts give a 1 x C grid.
+    rows = the largest divisor of ``channels`` that is <= sqrt(channels) and, with ``stride`` > 1,
+    such that both rows and cols = channels / rows are divisible by the stride (so the strided
+    pooling maps the grid onto a (rows/S) x (cols/S) grid exactly); channel ``i * cols + j`` sits
+    at grid cell (i, j). Prime channel counts give a 1 x C grid. Example: 288 channels (32 widened
+    by 3^2 for stride 3) lie on 12 x 24, not on the squarer 16 x 18 that stride 3 cannot divide.
 
     Args:
         channels: number of channels, >= 1.
+        stride: the KAP stride the grid must be divisible by (1: any grid).
 
     Returns:
-        (rows, cols) with rows * cols == channels and rows <= cols.
+        (rows, cols) with rows * cols == channels and rows <= cols (rows is the squarest grid
+        divisible by the stride; for stride 1, the squarest grid).
+
+    Raises:
+        ValueError: bad arguments, or no grid of ``channels`` has both sides divisible by stride.
     """
     _check_int("channels", channels, 1)
+    _check_stride(stride)
     rows = math.isqrt(channels)
-    while channels % rows:
+    while rows >= 1:
+        if channels % rows == 0 and rows % stride == 0 and (channels // rows) % stride == 0:
+            return rows, channels // rows
         rows -= 1
-    return rows, channels // rows
+    raise ValueError(
+        f"in_channels={channels} has no channel grid whose sides are both divisible by "
+        f"stride={stride}; 2D KAP with stride > 1 needs in_channels = stride^2 * (target channels), "
+        f"e.g. in_channels={stride**2 * 64}"
+    )
 
 
 def kap_width_factor(stride: int, dims: int) -> int:
@@ -100,13 +115,7 @@ def kap_out_channels(in_channels: int, stride: int = 1, dims: int = 2) -> int:
     _check_dims(dims)
     if dims == 1:
         return -(-in_channels // stride)
-    rows, cols = channel_grid(in_channels)
-    if rows % stride or cols % stride:
-        raise ValueError(
-            f"in_channels={in_channels} lies on a {rows}x{cols} channel grid whose sides are not both "
-            f"divisible by stride={stride}; 2D KAP with stride > 1 needs in_channels = "
-            f"stride^2 * (target channels) with a divisible grid, e.g. in_channels={stride**2 * 64}"
-        )
+    rows, cols = channel_grid(in_channels, stride)
     return (rows // stride) * (cols // stride)
 
 
@@ -312,7 +321,7 @@ class KernelAveragePool(nn.Module):
         n, channels = x.shape[0], x.shape[1]
         spatial = x.shape[2:]
         self.out_channels(channels)  # validates the grid/stride combination with a clear message
-        axes: tuple[int, ...] = (channels,) if self.dims == 1 else channel_grid(channels)
+        axes: tuple[int, ...] = (channels,) if self.dims == 1 else channel_grid(channels, self.stride)
         # (N, *grid, M): the channel axis (or its grid) becomes pooled axes, M stays innermost.
         view = x.reshape(n, *axes, math.prod(spatial))
         if self.mode == "avg":

@@ -120,6 +120,13 @@ def _is_fraction(objective: str) -> bool:
     return objective.endswith("accuracy")
 
 
+def _percent_decimals(values: list[float]) -> int:
+    """Decimals of percent tick labels: enough that ticks on a narrow range (98.0-99.5 %) don't
+    print the same label twice."""
+    span = max(values) - min(values) if values else 100.0
+    return 0 if span >= 5 else 1 if span >= 0.5 else 2
+
+
 def _scaled(objective: str, value: Any, where: str) -> float | None:
     """The plotted value of one objective, or None when it is missing or not finite."""
     if value is None:
@@ -339,9 +346,9 @@ def plot_front_png(
     suffix = " — final evaluation" if final_stage else ""
     ax.set_xlabel(_axis_label(objectives[0]) + suffix)
     ax.set_ylabel(_axis_label(objectives[1]) + suffix)
-    for axis, obj in ((ax.xaxis, objectives[0]), (ax.yaxis, objectives[1])):
+    for i, (axis, obj) in enumerate(((ax.xaxis, objectives[0]), (ax.yaxis, objectives[1]))):
         if _is_fraction(obj):
-            axis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
+            axis.set_major_formatter(PercentFormatter(xmax=100, decimals=_percent_decimals([p.values[i] for p in points])))
     ax.grid(True, alpha=0.3, linewidth=0.6)
 
     handles: list[Any] = []
@@ -389,12 +396,15 @@ def plot_front_png(
         if front:
             xs, ys = _staircase([p.values for p in front], directions)
             ax.plot(xs, ys, color="black", linewidth=1.3, zorder=3)
+            # Trials with identical scores share one label ("#3, #7") instead of overprinting.
+            labels: dict[tuple[float, ...], list[str]] = {}
             for p in front:
                 ax.scatter([p.values[0]], [p.values[1]],
                            c=defense_color(str(p.record.get("defense", "?"))), marker="o", s=90,
                            edgecolors="black", linewidths=1.4, zorder=4)
-                ax.annotate(f"#{p.record.get('number', p.index)}", p.values,
-                            xytext=(6, 4), textcoords="offset points", fontsize=7, zorder=5)
+                labels.setdefault(tuple(p.values), []).append(f"#{p.record.get('number', p.index)}")
+            for xy, names in labels.items():
+                ax.annotate(", ".join(names), xy, xytext=(6, 4), textcoords="offset points", fontsize=7, zorder=5)
             handles.append(Line2D([], [], color="black", linewidth=1.3, marker="o",
                                   markerfacecolor="white", markeredgecolor="black",
                                   markersize=8, markeredgewidth=1.4, label=FRONT_LABEL))

@@ -137,7 +137,7 @@ def test_default_autoattack_rand_and_eot(trained):
     got = [(st.attack.loss, st.attack.eot_iter, st.attack.steps) for st in stages]
     assert got == [("ce", 20, 100), ("dlr", 20, 100)]
     stages, s = ATTACKS["eot_pgd"].make(model, AttackConfig(name="eot_pgd"), ctx)
-    assert stages[0].attack.eot_iter == 20 and s["eot_samples"] == 20
+    assert stages[0].attack.eot_samples == 20 and s["eot_samples"] == 20
     assert ATTACKS["eot_pgd"].eot and ATTACKS["autoattack_rand"].eot and not ATTACKS["pgd"].eot
 
 
@@ -338,3 +338,38 @@ def test_outcome_record_is_plain_data(trained, ctx):
     # stages are cumulative (worst case so far), so they never increase
     values = list(record["stages"].values())
     assert values == sorted(values, reverse=True) and values[-1] == record["accuracy"]
+
+
+def test_batched_eot_equals_plain_pgd_on_a_deterministic_model_and_samples_per_copy(trained):
+    import torch.nn.functional as F
+
+    from defenses import ActivationNoise
+    from study.attacks import LossPGD
+
+    model, x, y = trained
+    model.eval()
+    xb, yb = x[:12], y[:12]
+
+    def ce(z, t):
+        return F.cross_entropy(z, t, reduction="none")
+
+    # Deterministic model: the EOT sum is eot_samples x one gradient, so the signs and the
+    # attack are those of plain PGD from the same random start, however the copies are chunked.
+    torch.manual_seed(7)
+    plain = LossPGD(model, ce, 0.2, 0.05, 5)(xb, yb)
+    for max_batch in (12, 24, 1024):  # 1, 2 and all 5 copies per pass (5 = 2 + 2 + 1 with 24)
+        torch.manual_seed(7)
+        eot = LossPGD(model, ce, 0.2, 0.05, 5, eot_samples=5, max_batch=max_batch)(xb, yb)
+        torch.testing.assert_close(eot, plain)
+
+    # A stochastic model: every copy in a pass draws its own noise.
+    noisy = torch.nn.Sequential(ActivationNoise(sigma=0.5, at_eval=True), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    noisy.eval()
+    seen = []
+    noisy[2].register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    atk = LossPGD(noisy, ce, 0.2, 0.05, 1, eot_samples=3, max_batch=1024)
+    atk._gradient(xb.clone().requires_grad_(True), yb)
+    (batch,) = seen
+    assert batch.shape[0] == 36
+    copies = batch.view(3, 12, -1)
+    assert not torch.allclose(copies[0], copies[1]) and not torch.allclose(copies[1], copies[2])

@@ -154,13 +154,20 @@ def test_kap_resnet_sites_include_shortcuts_and_noise() -> None:
     assert not _modules(plain, ActivationNoise)
 
 
-def test_kap_incompatible_widening_is_rejected() -> None:
-    # 2D KAP with stride 2 on 3 nominal channels cannot give back 3 channels from 12
-    with pytest.raises(ValueError, match="nominal"):
-        build_model(
-            "small_cnn", num_classes=3, in_channels=1, width=3 / 32, defense="kap",
-            defense_params={"kernel_size": 3, "stride": 2, "dims": 2},
-        )
+@pytest.mark.parametrize(("width", "stride"), [(3 / 32, 2), (1.0, 3)])
+def test_kap_widening_always_maps_back_to_the_nominal_channels(width: float, stride: int) -> None:
+    # S^2 * C widened channels always lie on an (S a) x (S b) grid with a * b = C, so strided
+    # 2D KAP gives back exactly C (3 from 12 at stride 2; 32 from 288 at stride 3, which the
+    # squarest grid 16 x 18 could not).
+    from defenses import KernelAveragePool
+
+    model = build_model(
+        "small_cnn", num_classes=3, in_channels=1, width=width, defense="kap",
+        defense_params={"kernel_size": 3, "stride": stride, "dims": 2},
+    )
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+    kaps = [m for m in model.modules() if isinstance(m, KernelAveragePool)]
+    assert kaps and all(k.stride == stride for k in kaps)
 
 
 @pytest.mark.parametrize(

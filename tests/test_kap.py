@@ -36,7 +36,7 @@ def _loop_kap_1d(x: torch.Tensor, k: int, s: int, mode: str, include_pad: bool) 
 
 
 def _loop_kap_2d(x: torch.Tensor, k: int, s: int, mode: str, include_pad: bool) -> torch.Tensor:
-    rows, cols = channel_grid(x.shape[1])
+    rows, cols = channel_grid(x.shape[1], s)
     outs = []
     for a in range(math.ceil(rows / s)):
         for b in range(math.ceil(cols / s)):
@@ -173,10 +173,21 @@ def test_out_channels_and_width_factor():
 
 def test_2d_stride_needs_divisible_grid():
     kap = KernelAveragePool(kernel_size=2, stride=2, dims=2)
-    with pytest.raises(ValueError, match="in_channels=12"):
-        kap(torch.randn(1, 12, 2, 2))  # 3x4 grid: 3 is not divisible by 2
-    with pytest.raises(ValueError, match="in_channels=12"):
-        kap.out_channels(12)
+    # 18 = 1x18, 2x9, 3x6: no grid with both sides even.
+    with pytest.raises(ValueError, match="in_channels=18"):
+        kap(torch.randn(1, 18, 2, 2))
+    with pytest.raises(ValueError, match="in_channels=18"):
+        kap.out_channels(18)
+
+
+def test_2d_strided_grid_is_the_squarest_divisible_one():
+    assert channel_grid(12, 2) == (2, 6)  # the squarest 3x4 has an odd side
+    assert KernelAveragePool(kernel_size=2, stride=2, dims=2).out_channels(12) == 3
+    # small_cnn's first conv (32) widened by 3^2 for stride 3: 16x18 cannot take stride 3, 12x24 can.
+    assert channel_grid(288) == (16, 18) and channel_grid(288, 3) == (12, 24)
+    assert KernelAveragePool(kernel_size=3, stride=3, dims=2).out_channels(288) == 32
+    x = torch.randn(2, 288, 2, 2)
+    torch.testing.assert_close(KernelAveragePool(kernel_size=3, stride=3, dims=2)(x), _loop_kap_2d(x, 3, 3, "avg", True))
 
 
 @pytest.mark.parametrize(

@@ -239,3 +239,27 @@ def test_hypervolume_band_statistics():
 def test_plot_hypervolume_rejects_empty_sampler(tmp_path):
     with pytest.raises(ValueError, match="by_sampler\\['tpe'\\]"):
         plots.plot_hypervolume_png([0.1], tmp_path / "x.png", title="x", by_sampler={"tpe": []})
+
+
+def test_narrow_ranges_get_distinct_ticks_and_identical_scores_share_a_label(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    real_savefig = Figure.savefig
+
+    def capture(self, *args, **kwargs):
+        figures.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    # All clean accuracies within 1.5 points; trials 3 and 7 have identical scores, both on the front.
+    recs = [_rec(1, 0.980, 0.10), _rec(3, 0.995, 0.05), _rec(7, 0.995, 0.05), _rec(9, 0.985, 0.02)]
+    plots.plot_front_png(recs, tmp_path / "front.png", title="narrow")
+    (fig,) = figures
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    xticks = [t.get_text() for t in ax.xaxis.get_ticklabels() if t.get_text()]
+    assert len(xticks) >= 3 and len(set(xticks)) == len(xticks), xticks
+    labels = [t.get_text() for t in ax.texts]
+    assert "#3, #7" in labels and "#3" not in labels and "#7" not in labels, labels
+    assert "#1" in labels
