@@ -159,6 +159,8 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: silent at verbose=0
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # MLflow 3 prints "View run ... at: URL" on stdout whenever a run ends on a tracking server.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow  # noqa: F401 - mlflow configures its loggers on import; quieten them after
     import optuna
 
