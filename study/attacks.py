@@ -591,7 +591,8 @@ def _ce_per_sample(logits: Tensor, labels: Tensor) -> Tensor:
 def _build_eot_pgd(model: nn.Module, s: dict[str, Any]) -> list[Stage]:
     # torchattacks' EOTPGD runs its EOT passes one batch at a time; LossPGD runs the same
     # estimate (sign of the gradient summed over the passes) as copies of the batch in a few
-    # large passes: a third less time for the KAP protocol's noisy arm on digits.
+    # large passes. Measured: faster on a small KAP CNN, slower on a 16x-widened KAP config
+    # (README, "Profile of one demo trial"); max_batch bounds the memory of a pass.
     atk = LossPGD(model, _ce_per_sample, eps=s["eps"], alpha=s["step_size"], steps=s["steps"],
                   random_start=True, name="EOTPGD", eot_samples=s["eot_samples"])
     return [Stage("eot_pgd", atk)]
