@@ -58,7 +58,7 @@ def audit_study(spec: StudySpec, tracking_uri: str) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     from study.pareto import front_of_records
-    from study.runner import STUDY_FILE, TRIALS_FILE
+    from study.runner import STUDY_FILE, TRIALS_FILE, trial_seconds
     from study.tracking import PARENT_TAG, TRIAL_ID_TAG
 
     study_dir = spec.study_dir()
@@ -101,7 +101,7 @@ def audit_study(spec: StudySpec, tracking_uri: str) -> dict[str, Any]:
         "mlflow_mismatched_metrics": mismatched,
         "front_stored": stored,
         "front_recomputed": recomputed,
-        "trial_seconds": sum((r.get("train_seconds") or 0.0) + (r.get("eval_seconds") or 0.0) for r in records),
+        "trial_seconds": sum(trial_seconds(r) for r in records),
     }
 
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from study.runner import params_key, trial_seconds
 from study.spec import StudySpec, parse_spec, trial_config_for
 
 __all__ = ["bench_overhead", "format_overhead", "overhead_spec", "sample_params"]
@@ -118,22 +119,22 @@ def bench_overhead(num_trials: int = 16, concurrency: int = 2, epochs: int = 3,
     if len(completed) != num_trials:
         raise RuntimeError(f"study completed {len(completed)} of {num_trials} trials: {[r['status'] for r in records]}")
     # Match trials by configuration: the study may finish them in any order.
-    by_params = {_key(r["params"]): r for r in completed}
+    by_params = {params_key(r["params"]): r for r in completed}
     differences = [
-        abs(by_params[_key(p)]["clean_accuracy"] - a["clean_accuracy"])
-        + abs(by_params[_key(p)]["robust_accuracy"] - a["robust_accuracy"])
+        abs(by_params[params_key(p)]["clean_accuracy"] - a["clean_accuracy"])
+        + abs(by_params[params_key(p)]["robust_accuracy"] - a["robust_accuracy"])
         for p, a in zip(params, loop_results, strict=True)
-        if _key(p) in by_params
+        if params_key(p) in by_params
     ]
     # The trials' own seconds inside the study (training + attacks, timed in the worker): what
     # the cores spent on the trials; the rest of concurrency * wall(b) is the framework's.
-    study_trial_s = sum((r.get("train_seconds") or 0.0) + (r.get("eval_seconds") or 0.0) for r in completed)
+    study_trial_s = sum(trial_seconds(r) for r in completed)
     return {
         "num_trials": num_trials,
         "loop_threads": loop_threads,
         "study_trial_s": study_trial_s,
         "framework_per_trial_s": (concurrency * wall_b - study_trial_s) / num_trials,
-        "longest_trial_s": max((r.get("train_seconds") or 0.0) + (r.get("eval_seconds") or 0.0) for r in completed),
+        "longest_trial_s": max(trial_seconds(r) for r in completed),
         "concurrency": concurrency,
         "wall_loop_s": wall_a,
         "wall_study_s": wall_b,
@@ -144,11 +145,6 @@ def bench_overhead(num_trials: int = 16, concurrency: int = 2, epochs: int = 3,
         "max_result_difference": max(differences, default=float("nan")),
     }
 
-
-def _key(params: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(params, sort_keys=True, default=str)
 
 
 def format_overhead(m: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@ worker process and reused.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from study.runner import params_key
 from study.spec import StudySpec, parse_spec, trial_config_for
 
 __all__ = ["SAMPLERS", "bench_search", "format_search", "search_spec"]
@@ -71,7 +71,7 @@ def _evaluate(spec: StudySpec, params: dict[str, Any]) -> tuple[float, float] | 
     from study.data import load_data
     from study.trial import run_trial
 
-    key = json.dumps(params, sort_keys=True, default=str)
+    key = params_key(params)
     if key not in _CACHE:
         data = load_data(spec.data, seed=spec.seed)  # cached per process
         try:

@@ -392,6 +392,16 @@ def collect_records(spec: StudySpec, grid: Any) -> list[dict[str, Any]]:
     return records
 
 
+def trial_seconds(record: dict[str, Any]) -> float:
+    """A record's own work, timed in its worker: training + attack seconds (0 if it never finished)."""
+    return (record.get("train_seconds") or 0.0) + (record.get("eval_seconds") or 0.0)
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """A configuration as a canonical string: matches trials across runs by what they ran."""
+    return json.dumps(params, sort_keys=True, default=str)
+
+
 def front_records(records: list[dict[str, Any]], objectives: list[str], directions: list[str],
                   stage: str = "search") -> list[dict[str, Any]]:
     """The records on the front (trusted, completed; see study.pareto.front_of_records)."""
