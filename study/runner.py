@@ -33,6 +33,7 @@ TUNE_DIR = "tune"
 
 def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
     """Ray Tune function trainable: one trial, reported per epoch and once more at the end."""
+    started_at = time.time()
     import torch
     from ray import tune
 
@@ -58,8 +59,12 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
                 resumed_from = int(resume.get("epoch", 0))
 
     placeholders = {o: 0.0 for o in spec.objectives}
+    # Seconds the trial spent in per-epoch reports: saving the checkpoint and waiting for the
+    # driver (a function trainable's report blocks until the driver has processed the result).
+    reporting = {"seconds": 0.0}
 
     def on_epoch(report: Any) -> None:
+        t0 = time.perf_counter()
         metrics = {
             **placeholders,
             # Every report carries every objective (Ray's strict metric check); the searcher
@@ -75,6 +80,7 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             torch.save(report.checkpoint, Path(directory) / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        reporting["seconds"] += time.perf_counter() - t0
 
     result = run_trial(config, on_epoch=on_epoch, resume=resume, data=data)
     final = {
@@ -90,6 +96,9 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
         "reason": result.reason or "",
         "final": 1,
         "resumed_from_epoch": resumed_from,
+        "started_at": started_at,
+        "ended_at": time.time(),
+        "report_seconds": reporting["seconds"],
         "flags_json": json.dumps(result.flags, default=float),
         **{f"robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
     }
@@ -260,6 +269,32 @@ def preflight(spec: StudySpec) -> None:
     check_ray_address(spec.address)
 
 
+def start_ray_and_tracking(spec: StudySpec) -> None:
+    """Start Ray (and check it has the resources asked for) while the tracking store gets ready
+    in a thread.
+
+    Starting a local Ray instance takes seconds spent mostly waiting for its processes, and a
+    new SQLite MLflow store takes seconds of the driver's CPU (its schema migrations): side by
+    side they cost the longer of the two (bench overhead: about 2 s less start-up per study).
+    If Ray refuses the study, a store created here is removed again: a refused spec leaves
+    nothing behind.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from study.tracking import open_store, remove_created
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tracking-store") as pool:
+        store = pool.submit(open_store, tracking_uri_for(spec))
+        try:
+            init_ray(spec)
+            check_cluster_resources(spec)
+        except BaseException:
+            if store.exception() is None:  # waits for the thread
+                remove_created(store.result())
+            raise
+        store.result()
+
+
 def run_study(
     spec: StudySpec, *, resume: bool = False, progress: bool = True, enqueue: list[dict[str, Any]] | None = None
 ) -> StudyOutcome:
@@ -285,8 +320,7 @@ def run_study(
         )
     preflight(spec)
     quiet_libraries()
-    init_ray(spec)
-    check_cluster_resources(spec)
+    start_ray_and_tracking(spec)
 
     uri = tracking_uri_for(spec)
     study_run = StudyRun(uri, spec.experiment, spec.study_dir().parent / "mlartifacts", study_dir=study_dir)
@@ -382,6 +416,11 @@ def collect_records(spec: StudySpec, grid: Any) -> list[dict[str, Any]]:
             "node_ip": metrics.get("node_ip"),
             "resumed_from_epoch": metrics.get("resumed_from_epoch", 0),
             "finished_at": metrics.get("timestamp", 0),
+            # Wall-clock start/end in the worker and the seconds blocked in per-epoch reports
+            # (the overhead benchmark's timeline; absent for trials that never finished).
+            "started_at": metrics.get("started_at") if final else None,
+            "ended_at": metrics.get("ended_at") if final else None,
+            "report_seconds": metrics.get("report_seconds") if final else None,
         }
         for objective in ("clean_accuracy", "robust_accuracy", "train_seconds", "eval_seconds", "num_parameters"):
             record[objective] = float(metrics.get(objective, 0.0)) if final else None

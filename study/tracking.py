@@ -91,6 +91,36 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def open_store(uri: str) -> list[Path]:
+    """Create (or open) the tracking store now, so later calls find it ready (it is cached per
+    process); for a SQLite URI this builds the schema of a new database.
+
+    Returns what this created on disk (a new SQLite file, then the folders made for it, deepest
+    first), so that a study refused right after can leave nothing behind (:func:`remove_created`).
+    """
+    created: list[Path] = []
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        for p in (path, *path.parents):
+            if p.exists():
+                break
+            created.append(p)
+    _client(uri)
+    return created
+
+
+def remove_created(paths: list[Path]) -> None:
+    """Undo :func:`open_store`'s creations: the file, then each folder if it is still empty."""
+    for p in paths:
+        try:
+            if p.is_dir():
+                p.rmdir()
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:  # a folder someone else has written to meanwhile stays
+            break
+
+
 def server_answers(uri: str, timeout: float = 3.0) -> bool:
     """True when ``uri`` is not a server, or its ``/health`` answers 200."""
     if not is_server(uri):
