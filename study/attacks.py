@@ -202,10 +202,11 @@ class LossPGD(Attack):
         random_start (bool): start uniformly in the eps-ball.
         eot_samples (int): Expectation over Transformation (Athalye et al., "Obfuscated gradients
             give a false sense of security"): each step's gradient is summed over this many
-            stochastic forward passes. The passes are copies of the batch run together, at most
-            ``max_batch`` inputs per forward/backward: the same estimate as a loop of passes
-            (torchattacks' EOTPGD), in a few large passes instead of many small ones.
-        max_batch (int): inputs per EOT pass (memory bound on a GPU).
+            stochastic forward passes (torchattacks' EOTPGD estimate).
+        max_batch (int): inputs per forward/backward when EOT copies of the batch are run
+            together; 0 (default) runs one copy per pass. Measured on CPU, stacking copies into
+            ~1000-input passes made a widened KAP model's EOT-PGD 1.4x slower (memory-bound), so
+            batching is opt-in (it may pay on a GPU; not measured here).
 
     Shape:
         - images: (N, C, H, W) in [0, 1]; labels: (N,); output: (N, C, H, W) in [0, 1].
@@ -221,7 +222,7 @@ class LossPGD(Attack):
         random_start: bool = True,
         name: str = "LossPGD",
         eot_samples: int = 1,
-        max_batch: int = 1024,
+        max_batch: int = 0,
     ) -> None:
         super().__init__(name, model)
         self.loss_fn = loss_fn
@@ -589,10 +590,9 @@ def _ce_per_sample(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def _build_eot_pgd(model: nn.Module, s: dict[str, Any]) -> list[Stage]:
-    # torchattacks' EOTPGD runs its EOT passes one batch at a time; LossPGD runs the same
-    # estimate (sign of the gradient summed over the passes) as copies of the batch in a few
-    # large passes. Measured: faster on a small KAP CNN, slower on a 16x-widened KAP config
-    # (README, "Profile of one demo trial"); max_batch bounds the memory of a pass.
+    # The same estimate as torchattacks' EOTPGD (sign of the gradient summed over the passes), one
+    # batch per pass: larger stacked passes measured slower on CPU (README, "Profile of one demo
+    # trial").
     atk = LossPGD(model, _ce_per_sample, eps=s["eps"], alpha=s["step_size"], steps=s["steps"],
                   random_start=True, name="EOTPGD", eot_samples=s["eot_samples"])
     return [Stage("eot_pgd", atk)]
