@@ -57,7 +57,7 @@ def write_study_artifacts(
 ) -> list[Path]:
     """Write everything into the study folder; returns the paths to log on the parent run."""
     from study.export import export_document, write_export
-    from study.plots import plot_front_html, plot_front_png, plot_hypervolume_png
+    from study.plots import plot_front_html, plot_front_png, plot_hypervolume_png, plot_timeline_png
 
     d = spec.study_dir()
     paths: list[Path] = []
@@ -79,6 +79,8 @@ def write_study_artifacts(
         handle.writelines(f"{i + 1},{v:.6f}\n" for i, v in enumerate(history))
     paths.append(d / "hypervolume.csv")
     paths.append(Path(plot_hypervolume_png(history, d / "hypervolume.png", title=f"{spec.name}: hypervolume")))
+    if any(r.get("started_at") for r in records):
+        paths.append(Path(plot_timeline_png(records, d / "timeline.png", title=f"{spec.name}: trials over time")))
     best = final_front or front
     paths.append(write_export(export_document(spec, best), d / "best.yaml"))
     paths.append(d / "spec.yaml")

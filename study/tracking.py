@@ -44,7 +44,7 @@ _MAX_BATCH_METRICS = 900  # MLflow's log_batch accepts at most 1000 metrics per 
 TERMINAL_MLFLOW = ("FINISHED", "FAILED", "KILLED")
 # Files of a finished study logged on its parent run (what study.artifacts writes).
 PARENT_ARTIFACTS = ("trials.json", "front.csv", "front_final.csv", "front.png", "front_final.png", "front.html",
-                    "hypervolume.csv", "hypervolume.png", "best.yaml")
+                    "hypervolume.csv", "hypervolume.png", "timeline.png", "best.yaml")
 
 
 def _env_seconds(name: str, default: float) -> float:

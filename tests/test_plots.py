@@ -263,3 +263,26 @@ def test_narrow_ranges_get_distinct_ticks_and_identical_scores_share_a_label(tmp
     labels = [t.get_text() for t in ax.texts]
     assert "#3, #7" in labels and "#3" not in labels and "#7" not in labels, labels
     assert "#1" in labels
+
+
+def _timed(number, start, end, defense="kap", trusted=True):
+    return {"number": number, "defense": defense, "started_at": start, "ended_at": end, "trusted": trusted,
+            "train_seconds": (end - start) * 0.5, "eval_seconds": (end - start) * 0.3}
+
+
+def test_timeline_lanes_never_put_overlapping_trials_in_one_lane():
+    recs = [_timed(0, 100.0, 110.0), _timed(1, 101.0, 105.0), _timed(2, 105.0, 120.0),
+            _timed(3, 110.5, 111.0), {"number": 4, "defense": "none", "started_at": None, "ended_at": None}]
+    lanes = plots.timeline_lanes(recs)
+    assert [(lane, r["number"]) for lane, r in lanes] == [(0, 0), (1, 1), (1, 2), (0, 3)]  # #4 has no times
+    for lane in {lane for lane, _ in lanes}:
+        spans = sorted((r["started_at"], r["ended_at"]) for l, r in lanes if l == lane)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    # Three trials at once need three lanes.
+    assert max(lane for lane, _ in plots.timeline_lanes([_timed(i, 0.0, 5.0) for i in range(3)])) == 2
+
+
+def test_plot_timeline_png(tmp_path):
+    recs = [_timed(0, 100.0, 110.0), _timed(1, 101.0, 105.0, "cas", trusted=False), _timed(2, 105.0, 120.0, "none")]
+    _assert_png(plots.plot_timeline_png(recs, tmp_path / "t" / "timeline.png", title="t"))
+    _assert_png(plots.plot_timeline_png([], tmp_path / "empty.png", title="empty"))

@@ -61,7 +61,7 @@ def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> 
     assert front and all(r["trusted"] for r in front)
     assert all(r.get("final") for r in front), "front trials were not re-evaluated with the final attacks"
     for name in ("front.csv", "front_final.csv", "front.png", "front.html", "hypervolume.csv", "hypervolume.png",
-                 "best.yaml", "optuna.db"):
+                 "timeline.png", "best.yaml", "optuna.db"):
         assert (study_dir / name).stat().st_size > 0, name
 
     uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
@@ -77,7 +77,7 @@ def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> 
     from mlflow.tracking import MlflowClient
 
     artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parents[0].info.run_id)}
-    assert {"front.csv", "front.png", "front.html", "hypervolume.png", "best.yaml"} <= artifacts
+    assert {"front.csv", "front.png", "front.html", "hypervolume.png", "timeline.png", "best.yaml"} <= artifacts
     child_artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(finished[0].info.run_id)}
     assert "model.pt" in child_artifacts
 
