@@ -172,6 +172,29 @@ def test_eps_curve_same_seed_starts_at_clean(data, mlp):
     assert all(o.settings["steps"] == 5 and o.settings["seed"] == 0 for o in outcomes)
 
 
+def test_eps_curve_reuses_the_suites_pgd_and_gets_the_same_numbers(data, mlp, monkeypatch):
+    from study.attacks import run_attack
+    from study.config import AttackConfig
+
+    _, _, xte, yte = data
+    x, y = xte[:50], yte[:50]
+    ctx = AttackContext(eps=0.2, eps_l2=1.0, num_classes=10, seed=0, batch_size=64)
+    suite_pgd = run_attack(mlp, x, y, AttackConfig(name="pgd", steps=5), ctx)  # eps from ctx: 0.2
+    fresh, fresh_outcomes = eps_curve(mlp, x, y, [0.1, 0.2], ctx, steps=5)
+    calls = []
+    real = attacks_module.run_attack
+    monkeypatch.setattr("study.evaluate.run_attack", lambda *a, **k: calls.append(a[3].eps) or real(*a, **k))
+    reused, reused_outcomes = eps_curve(mlp, x, y, [0.1, 0.2], ctx, steps=5, done=[suite_pgd])
+    assert calls == [0.1]  # the 0.2 point is the suite's PGD: not run again
+    assert reused == fresh  # and rerunning it would have given the same numbers
+    assert reused[2] == (0.2, suite_pgd.accuracy)
+    assert len(fresh_outcomes) == 2 and len(reused_outcomes) == 1  # R18 counts each attack once
+    # Different settings (steps) are not the same attack: run.
+    calls.clear()
+    eps_curve(mlp, x, y, [0.2], ctx, steps=7, done=[suite_pgd])
+    assert calls == [0.2]
+
+
 # --------------------------------------------------------------------------- stochastic models
 
 
