@@ -321,7 +321,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 BENCHMARKS: dict[str, str] = {
     "layers": "defense cost per training step at ResNet-18 scale",
     "defenses": "the defense table on digits",
-    "overhead": "the same trials in a plain loop vs as a study",
+    "overhead": "the same trials in plain loops (default and 1 thread), a process pool and a study",
     "search": "hypervolume per sampler after n trials",
     "evaluation": "search cheap/verify strong vs strong on every trial",
     "load": "100 tiny trials, audited",
