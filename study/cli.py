@@ -133,7 +133,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "overhead":
         from study.bench_overhead import bench_overhead, format_overhead
 
-        print(format_overhead(bench_overhead(num_trials=args.trials or 16, concurrency=args.concurrency)))
+        print(format_overhead(bench_overhead(num_trials=args.trials or 16, concurrency=args.concurrency,
+                                             epochs=args.epochs or 3)))
         return EXIT_OK
     if args.what == "load":
         from study.bench_load import bench_load, format_load
@@ -360,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help=COMMANDS["bench"][1])
     p.add_argument("what", choices=BENCHMARKS, help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
     p.add_argument("--n", type=int, default=200, help="defenses: attacked test samples")
-    p.add_argument("--epochs", type=int, help="defenses: override the demo's epochs; search: epochs per trial (2)")
+    p.add_argument("--epochs", type=int, help="defenses: override the demo's epochs; search: epochs per trial (2); "
+                   "overhead: epochs per trial (3)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
