@@ -100,13 +100,10 @@ def _one_trial(spec_data: dict[str, Any], params: dict[str, Any], name: str) -> 
 def _loop(spec: StudySpec, params: list[dict[str, Any]], threads: int) -> tuple[float, list[dict[str, Any]]]:
     import torch
 
-    from study.data import load_data
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
-        load_data(spec.data, seed=spec.seed)
         spec_data = spec.model_dump(mode="json")
         results = []
         for i, p in enumerate(params):
@@ -155,7 +152,7 @@ def _study(spec: StudySpec, params: list[dict[str, Any]]) -> tuple[float, float,
 def study_timeline(records: list[dict[str, Any]], called_at: float, ended_at: float,
                    concurrency: int) -> dict[str, float]:
     """Where a study's wall time went, from the trials' own start/end clocks (completed trials)."""
-    done = [r for r in records if r.get("started_at") and r.get("ended_at")]
+    done = [r for r in records if r.get("started_at") is not None and r.get("ended_at") is not None]
     first = min(r["started_at"] for r in done)
     last = max(r["ended_at"] for r in done)
     busy = sum(r["ended_at"] - r["started_at"] for r in done)
@@ -215,7 +212,6 @@ def bench_overhead(num_trials: int = 16, concurrency: int = 2, epochs: int = 3,
         "num_trials": num_trials,
         "concurrency": concurrency,
         "default_threads": default_threads,
-        "mean_trial_s": sum(a["seconds"] for a in loop_results) / num_trials,
         "wall_loop_default_s": wall_a2,
         "wall_loop_s": wall_a1,
         "wall_pool_s": wall_p,
@@ -243,7 +239,8 @@ def format_overhead(m: dict[str, Any]) -> str:
     over_ok = "ok" if m["overhead_per_trial_s"] < OVERHEAD_TARGET_S else "MISSED"
     c = m["concurrency"]
     return "\n".join([
-        f"trials: {m['num_trials']} (mean {m['mean_trial_s']:.1f} s of training + attacks each at 1 thread)",
+        f"trials: {m['num_trials']} (mean {m['loop_trial_s'] / m['num_trials']:.1f} s of training + attacks each "
+        "at 1 thread)",
         "                                                  wall    / (a1)   / (a2)",
         f"(a2) plain loop, torch threads {m['default_threads']}:                {m['wall_loop_default_s']:6.1f} s",
         f"(a1) plain loop, 1 thread:                      {m['wall_loop_s']:6.1f} s",
