@@ -297,7 +297,7 @@ def start_ray_and_tracking(spec: StudySpec) -> None:
     genai package), creating a new SQLite store (its schema migrations, 2-3 s) and importing
     what the artifacts need are the driver's CPU: side by side they cost about the longer of
     the two (profiled: Ray + store 6.8 s -> 4.8 s; with the imports moved in too, 2-trial
-    studies: call to Tuner.fit 7.6 s -> 6.0 s, artifacts at the end 1.8 s -> 1.0 s).
+    studies: call to Tuner.fit 7.6 s -> 6.0-6.4 s, artifacts at the end 1.8 s -> 1.0-1.4 s).
     If Ray refuses the study, a store created here is removed again: a refused spec leaves
     nothing behind.
     """
