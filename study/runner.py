@@ -163,14 +163,19 @@ def make_searcher(spec: StudySpec, study_dir: Path, enqueue: list[dict[str, Any]
 # --------------------------------------------------------------------------- Ray
 
 
-def quiet_libraries() -> None:
-    """Progress is our one line per trial; silence the libraries' banners and chatter."""
-    import warnings
-
+def quiet_library_env() -> None:
+    """The libraries' environment switches for banners and chatter (set before Ray starts its
+    processes, from the main thread)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: silent at verbose=0
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # MLflow 3 prints "View run ... at: URL" on stdout whenever a run ends on a tracking server.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def quiet_libraries() -> None:
+    """Progress is our one line per trial; import MLflow and Optuna and silence their loggers."""
+    import warnings
+
     import mlflow  # noqa: F401 - mlflow configures its loggers on import; quieten them after
     import optuna
 
@@ -271,21 +276,17 @@ def preflight(spec: StudySpec) -> None:
 
 
 def _prepare_tracking(uri: str) -> list[Path]:
-    from study.tracking import open_store, remove_created
+    from study.tracking import open_store
 
     quiet_libraries()
-    created = open_store(uri)
     # What the artifacts need at the study's end (matplotlib, the plots and export code: ~0.8 s
-    # of the end's 1.8 s before) is imported here too, while Ray still starts. Should an import
-    # fail, the store just created is removed again: the study writes nothing.
-    try:
-        import study.artifacts  # noqa: F401
-        import study.plots  # noqa: F401
-        from matplotlib.figure import Figure  # noqa: F401
-    except BaseException:
-        remove_created(created)
-        raise
-    return created
+    # of the end's 1.8 s before) is imported here too, while Ray still starts; before the store
+    # is created, so that a failing import leaves nothing on disk.
+    import study.artifacts  # noqa: F401
+    import study.plots  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+
+    return open_store(uri)
 
 
 def start_ray_and_tracking(spec: StudySpec) -> None:
@@ -341,6 +342,7 @@ def run_study(
             "or choose another name"
         )
     preflight(spec)
+    quiet_library_env()
     start_ray_and_tracking(spec)
 
     uri = tracking_uri_for(spec)
