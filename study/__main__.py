@@ -2,6 +2,6 @@
 
 import sys
 
-from study.cli import main
+from study.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

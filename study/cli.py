@@ -422,5 +422,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The ``robust-study`` program: :func:`main`, then a quick exit.
+
+    Two costs of leaving a process that ran a study, measured after a `run`, are avoidable:
+
+    * Ray's exit hook sleeps 0.5 s so that workers' log lines can still be printed; the driver
+      prints none (``log_to_driver=False``), so Ray is shut down here instead, without the wait.
+    * The interpreter's last garbage collections walk every object the imports left (~700 000
+      after a study: torch, Ray, MLflow, SQLAlchemy, matplotlib; 0.4 s per full pass here):
+      2.1-2.4 s between the last exit handler and the end of the process. Freezing them first
+      (``gc.freeze``: future collections skip them) leaves 0.3-0.5 s. Every exit handler
+      (logging's flush, MLflow's) still runs and objects freed by reference counting are still
+      finalized; only cyclic garbage left at exit goes uncollected, which nothing relies on.
+
+    Not in :func:`main`, which callers may run many times in one process.
+    """
+    import gc
+
+    code = main()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # a local instance stops; a cluster's driver only disconnects
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

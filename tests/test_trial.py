@@ -180,6 +180,47 @@ def test_cli_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path: Path)
     assert proc.returncode == 2 and "malformed YAML" in proc.stderr and not out.exists()
 
 
+def test_program_exit_freezes_gc_only_in_the_program(tmp_path: Path) -> None:
+    """The program (entry) returns main's exit code with the objects frozen for a quick exit;
+    main itself, which callers may run repeatedly in one process, leaves the collector alone."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {defense: kwta, defense_params: {gamma: 0}}\n")
+    # Registered before the program imports anything, so it runs after every other exit handler.
+    code = ("import atexit, gc, sys\n"
+            "atexit.register(lambda: print('frozen', gc.get_freeze_count(), file=sys.stderr))\n"
+            "from study.cli import entry\n"
+            f"sys.argv = ['robust-study', 'trial', {str(bad)!r}, '--out', 'out']\n"
+            "sys.exit(entry())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    error, frozen = proc.stderr.strip().splitlines()
+    assert "gamma" in error
+    assert int(frozen.split()[1]) > 1000  # the imports' objects, not a handful
+
+    import gc
+
+    from study.cli import main
+
+    before = gc.get_freeze_count()
+    assert main(["trial", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert gc.get_freeze_count() == before
+
+
+@pytest.mark.ray
+def test_program_shuts_down_the_ray_its_command_started(tmp_path: Path) -> None:
+    """entry stops Ray itself (without the exit hook's wait) and still returns main's code."""
+    code = ("import sys, ray, study.cli as cli\n"
+            "def command(argv=None):\n"
+            "    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+            "    return 3\n"
+            "cli.main = command\n"
+            "returned = cli.entry()\n"
+            "print('initialized', ray.is_initialized(), 'returned', returned)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["initialized", "False", "returned", "3"]
+
+
 @pytest.mark.slow
 def test_cli_trial_and_evaluate_end_to_end(tmp_path: Path) -> None:
     printed = cli("trial", "--print-default", cwd=tmp_path)
