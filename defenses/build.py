@@ -1,6 +1,6 @@
 """``build_model``: a backbone with one defense at its paper sites, normalisation inside.
 
-Placement per defense (see ../shared/DEFENSES.md) is a table of small functions that turn
+Placement per defense (docs/defenses.md) is a table of small functions that turn
 ``defense_params`` into a :class:`~defenses.backbones.LayerSet`; the backbone then calls the
 factories once per site. Parameters that belong to training (k-WTA's annealing schedule, CAS's
 loss weight and recipe) are accepted so one flat trial config can be passed straight through,
@@ -285,7 +285,7 @@ def build_model(
 ) -> nn.Module:
     """Build ``Normalize -> backbone`` with ``defense`` at its paper sites.
 
-    Sites (../shared/DEFENSES.md): ``kap`` after every conv + BN (convs widened by
+    Sites (docs/defenses.md): ``kap`` after every conv + BN (convs widened by
     ``kap_width_factor`` so stride > 1 keeps the nominal channels; ``sigma > 0`` adds
     ``ActivationNoise``); ``noise`` the same sites without KAP; ``kwta`` and ``kaf`` replace
     every activation, heads included; ``topkconv`` the last ``layers`` main-path convs;

@@ -38,7 +38,7 @@ BANDWIDTH_RULES: dict[str, float] = {"thesis": 6.0, "reference": 8.0}
 #: Initialisations of alpha: random normal, or kernel ridge regression onto a known activation.
 INITS: tuple[str, ...] = ("random", "relu", "elu", "swish")
 
-#: Std of the random alpha init. DEFENSES.md reports 0.3-0.8 across reference versions; the low
+#: Std of the random alpha init. docs/defenses.md reports 0.3-0.8 across reference versions; the low
 #: end keeps the initial activation close to the identity-scale of ReLU/ELU, so deep stacks start
 #: with tamer gradients (the thesis' deep KAF ResNet diverged).
 RANDOM_INIT_STD: float = 0.3

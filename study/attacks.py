@@ -6,7 +6,7 @@ attack uses (the dict that is recorded next to the number) and (2) the torchatta
 built from exactly that dict, so what is recorded cannot drift from what ran.
 
 :func:`run_attack` is the one place attacks are executed. It enforces the threat model of
-``../shared/EVALUATION.md`` on every batch: the model is in eval mode (and restored after),
+``docs/evaluation.md`` on every batch: the model is in eval mode (and restored after),
 inputs stay in [0, 1], ``||x_adv - x||_p <= eps`` (violations are counted, projected back and
 reported as R18 instead of crashing), and samples misclassified clean count as not robust for
 every attack. Random restarts and the stages of an ensemble (AutoAttack) are chained per sample:
@@ -68,7 +68,7 @@ STOCHASTIC_VOTES = 10
 """Forward passes whose mean softmax decides a stochastic model's prediction."""
 
 LINF_TOL = 1e-6
-"""Slack on ``||x_adv - x||_inf <= eps`` (float rounding of ``x + delta``), EVALUATION.md."""
+"""Slack on ``||x_adv - x||_inf <= eps`` (float rounding of ``x + delta``), docs/evaluation.md."""
 L2_TOL = 1e-4
 """Slack on ``||x_adv - x||_2 <= eps`` (a norm accumulates rounding over all pixels)."""
 BOX_TOL = 1e-6
@@ -79,7 +79,7 @@ AA_TARGETS = 9
 AA_STEPS = 100
 """Iterations of every AutoAttack component in the standard protocol."""
 PGD_STEPS = 20
-"""Default PGD iterations ("10-20 for search", EVALUATION.md); use >= 50 for final numbers."""
+"""Default PGD iterations ("10-20 for search", docs/evaluation.md); use >= 50 for final numbers."""
 CW_KAPPA = 50.0
 """Confidence of the CW margin loss (the value used by the TRADES/MART/CAS evaluations)."""
 DEEPFOOL_STEPS = 50
@@ -468,7 +468,7 @@ def _settings(name: str, norm: str, cfg: AttackConfig, ctx: AttackContext, **val
 def _pgd_like(cfg: AttackConfig, ctx: AttackContext, name: str, norm: str, loss: str, **extra: Any) -> dict[str, Any]:
     s = _settings(name, norm, cfg, ctx, loss=loss, random_start=True, restarts=cfg.restarts, **extra)
     s["steps"] = cfg.steps or PGD_STEPS
-    # eps/4 with 20 steps can cross the ball several times: the EVALUATION.md rule for L-inf,
+    # eps/4 with 20 steps can cross the ball several times: the docs/evaluation.md rule for L-inf,
     # used for L2 as well so both norms follow one convention.
     s["step_size"] = float(cfg.step_size) if cfg.step_size is not None else s["eps"] / 4
     return s
@@ -639,7 +639,7 @@ ATTACKS: dict[str, AttackSpec] = {
 def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode with frozen parameters for the duration of an attack; both restored after.
 
-    Eval mode keeps BatchNorm statistics fixed (EVALUATION.md). Freezing the parameters keeps
+    Eval mode keeps BatchNorm statistics fixed (docs/evaluation.md). Freezing the parameters keeps
     attacks that call ``backward()`` (DeepFool, FAB) from leaving gradients on the weights and
     saves the weight-gradient computation.
     """

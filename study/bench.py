@@ -61,7 +61,7 @@ class _NetRow:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-#: The paper defaults benchmarked (DEFENSES.md); "none" is the reference every ratio divides by.
+#: The paper defaults benchmarked (docs/defenses.md); "none" is the reference every ratio divides by.
 NETWORK_ROWS: tuple[_NetRow, ...] = (
     _NetRow("none", None),
     _NetRow("kap", "kap", {"kernel_size": 3, "stride": 1, "sigma": 0.1}),

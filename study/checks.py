@@ -1,6 +1,6 @@
 """Integrity checks: named flags that say whether an evaluation can be trusted.
 
-The rules are those of ``../shared/EVALUATION.md`` (after Carlini et al., "On evaluating
+The rules are those of ``docs/evaluation.md`` (after Carlini et al., "On evaluating
 adversarial robustness"; Athalye et al., "Obfuscated gradients give a false sense of security";
 Croce & Hein's AutoAttack flags; Tramèr et al., "On adaptive attacks to adversarial example
 defenses"). Every check returns a :class:`Flag` with its measured values, so a failed gate can
@@ -85,7 +85,7 @@ class Flag:
     """One integrity check's verdict.
 
     Attributes:
-        id: Rule id of EVALUATION.md ("R1", ...).
+        id: Rule id of docs/evaluation.md ("R1", ...).
         name: Short name.
         passed: The rule holds.
         gate: A failure marks the trial untrusted (warn-only rules have ``gate=False``).
@@ -372,7 +372,7 @@ def run_checks(
     recipe: str,
     other_outcomes: Sequence[AttackOutcome] = (),
 ) -> list[Flag]:
-    """Every integrity check of EVALUATION.md that this harness implements, in rule order.
+    """Every integrity check of docs/evaluation.md that this harness implements, in rule order.
 
     Costly checks (R2, R4, R8's own Square, R17's PGD when the suite has none at the eval eps)
     run on the first ``cfg.check_samples`` inputs with the same seed and votes as the suite.

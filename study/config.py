@@ -137,7 +137,7 @@ class AttackConfig(_Strict):
     steps: int | None = Field(None, ge=1)
     """Iterations; None = the attack's faithful default (PGD 20, AutoAttack 100)."""
     step_size: float | None = Field(None, gt=0.0)
-    """Step size; None = eps/4 for PGD (EVALUATION.md)."""
+    """Step size; None = eps/4 for PGD (docs/evaluation.md)."""
     restarts: int = Field(1, ge=1)
     """Random restarts."""
     queries: int = Field(5000, ge=1)
@@ -162,7 +162,7 @@ class EvalConfig(_Strict):
     eps_curve: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
     """Epsilons of the accuracy-vs-eps curve (PGD); 0 (clean) is always added."""
     checks: bool = True
-    """Run the integrity checks (EVALUATION.md) and set `trusted`."""
+    """Run the integrity checks (docs/evaluation.md) and set `trusted`."""
     check_samples: int = Field(100, ge=10)
     """Samples used by the costlier integrity checks (large-eps, unbounded, Square)."""
 

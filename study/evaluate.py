@@ -1,6 +1,6 @@
 """Attack a trained model with the configured suite, honestly, and check the attacks.
 
-What :func:`evaluate` measures (``../shared/EVALUATION.md``):
+What :func:`evaluate` measures (``docs/evaluation.md``):
 
 * clean accuracy, and per attack its accuracy with every setting used;
 * robust accuracy = mean over samples of "correct under *every* attack" (the per-sample worst

@@ -191,7 +191,7 @@ def init_ray(spec: StudySpec) -> None:
     if ray.is_initialized():
         return
     if spec.address is None:
-        # A local instance stays on loopback (DESIGN.md): no traffic leaves the machine. The
+        # A local instance stays on loopback (docs/architecture.md): no traffic leaves the machine. The
         # variable reaches the processes ray.init starts (GCS, raylet bind 127.0.0.1), but Ray's
         # Python side read it into a constant when ray was first imported (ray.tune already is):
         # without updating that too, the node takes the machine's outward address.

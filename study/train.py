@@ -58,7 +58,7 @@ VAL_ROBUST_SAMPLES = 500
 """Validation samples attacked per epoch for ``val_robust_accuracy`` (Rice et al. use a held-out
 set; a fixed 500 keeps the per-epoch cost bounded on large datasets)."""
 VAL_PGD_STEPS = 10
-"""PGD-10 with step eps/4 and a random start (EVALUATION.md search setting; Rice et al.)."""
+"""PGD-10 with step eps/4 and a random start (docs/evaluation.md search setting; Rice et al.)."""
 _EVAL_BATCH = 256
 _ONECYCLE_PEAK = 0.4
 """Wong et al.'s triangle: 0 -> lr at 2/5 of training -> 0."""

@@ -36,7 +36,7 @@ class TrialResult:
     clean_accuracy: float
     robust_accuracy: float
     trusted: bool
-    """All gating integrity checks passed (EVALUATION.md)."""
+    """All gating integrity checks passed (docs/evaluation.md)."""
     attacks: list[dict[str, Any]] = field(default_factory=list)
     """Per attack: name, accuracy and every setting used."""
     eps_curve: list[tuple[float, float]] = field(default_factory=list)

@@ -2,7 +2,7 @@
 
 Why namespaces: Ray refuses 127.0.0.1 as a node address when clustering, and a test may send
 traffic only to loopback or to addresses that exist inside namespaces it made itself
-(shared/DESIGN.md). Each namespace has only ``lo`` and its end of the veth pair, with an address
+(docs/architecture.md, "Tests that cross a network"). Each namespace has only ``lo`` and its end of the veth pair, with an address
 from a private test range that is configured nowhere else and no default route, so nothing
 started inside can reach any other address. The namespaces also give each "host" its own ports
 (both run the default Ray ports) and let a test cut one host off by taking its link down.

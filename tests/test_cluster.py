@@ -8,7 +8,7 @@
 - without an address, the local instance stays on 127.0.0.1.
 
 Each node offers one CPU and each trial takes one, so two concurrent trials must use both hosts.
-All traffic stays inside the test's namespaces (shared/DESIGN.md): every command that talks to the
+All traffic stays inside the test's namespaces (docs/architecture.md, "Tests that cross a network"): every command that talks to the
 cluster runs inside one of them.
 """
 

@@ -249,7 +249,7 @@ def test_cli_trial_and_evaluate_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_digits_harness_sanity_and_adversarial_training_helps() -> None:
-    """EVALUATION.md R17 and issue 3: standard training ≥ 95% clean and broken by PGD at the
+    """docs/evaluation.md R17 and issue 3: standard training ≥ 95% clean and broken by PGD at the
     default ε; fast_at and pgd_at clearly raise robust accuracy."""
     evaluation = {"n_samples": 300, "attacks": [{"name": "pgd", "steps": 20}], "eps_curve": [], "checks": False}
     standard = run_trial(parse_trial_config({"eval": evaluation}))
