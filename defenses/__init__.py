@@ -7,7 +7,18 @@ at its paper's sites in a backbone; ``create_defense`` makes a single layer by n
 
 from __future__ import annotations
 
-from defenses._registry import create_defense, list_defenses, register_defense
+from defenses._registry import (
+    BASELINE,
+    DefenseEntry,
+    EpochHook,
+    Example,
+    create_defense,
+    get_defense,
+    iter_defenses,
+    list_defenses,
+    register_defense,
+    unregister_defense,
+)
 from defenses.backbones import BACKBONES, LayerSet, list_backbones
 from defenses.build import DEFENSE_PARAMS, Normalize, build_model, resolve_k
 from defenses.cas import (
@@ -19,12 +30,20 @@ from defenses.cas import (
 )
 from defenses.kaf import KernelActivation, kaf_naive
 from defenses.kap import KernelAveragePool, kap_width_factor
-from defenses.kwta import KWinnersTakeAll, annealed_gamma, set_gamma
+from defenses.kwta import KWTAAnnealing, KWinnersTakeAll, annealed_gamma, set_gamma
 from defenses.noise import ActivationNoise, noise_disabled, set_noise_at_eval
 from defenses.topk import DynamicKLinear, TopKConv2d, dynamic_k_linear_naive, topk_conv2d_naive
 
 __all__ = [
     "BACKBONES",
+    "BASELINE",
+    "DefenseEntry",
+    "EpochHook",
+    "Example",
+    "KWTAAnnealing",
+    "get_defense",
+    "iter_defenses",
+    "unregister_defense",
     "DEFENSE_PARAMS",
     "ActivationNoise",
     "ChannelActivationSuppression",

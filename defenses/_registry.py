@@ -1,65 +1,191 @@
-"""Name -> layer factory registry for the defense layers.
+"""The defense registry: everything the rest of the system knows about a defense, declared once.
 
-In the spirit of timm's ``create_act.py``: one dict lookup, no if/elif chain over names, so a
-study spec, a search space and a test can all refer to a defense by a stable string and a new
-defense is one ``register_defense`` call away. ``create_defense`` checks keyword arguments
-against the constructor's signature up front, so a typo in a study spec fails with the list of
-allowed keywords instead of a ``TypeError`` deep inside a trial.
+Each defense module ends with one :func:`register_defense` call that names its layer, where
+:func:`~defenses.build.build_model` puts it (a *placement*: parameters -> :class:`LayerSet`), the
+parameters ``build_model`` accepts, its per-epoch training hook, and the traits the evaluation and
+the plots read. Nothing outside the defense module names the defense: the study's spec validation,
+training loop, checks and plots ask this registry. A third-party defense registers the same way,
+from its own module (see docs/adding-a-defense.md).
+
+``create_defense`` checks keyword arguments against the layer's signature up front, so a typo in a
+spec fails with the list of allowed keywords instead of a ``TypeError`` deep inside a trial.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
-from defenses.cas import ChannelActivationSuppression
-from defenses.kaf import KernelActivation
-from defenses.kap import KernelAveragePool
-from defenses.kwta import KWinnersTakeAll
-from defenses.noise import ActivationNoise
-from defenses.topk import DynamicKLinear, TopKConv2d
+if TYPE_CHECKING:
+    from defenses.backbones import LayerSet
 
-__all__ = ["create_defense", "list_defenses", "register_defense"]
+__all__ = [
+    "BASELINE",
+    "DefenseEntry",
+    "EpochHook",
+    "Example",
+    "create_defense",
+    "get_defense",
+    "iter_defenses",
+    "list_defenses",
+    "register_defense",
+    "unregister_defense",
+]
+
+#: The name of the undefended model (not a registered defense).
+BASELINE = "none"
 
 LayerFactory = Callable[..., nn.Module]
+Placement = Callable[[Mapping[str, Any], int], "LayerSet"]
 
-_REGISTRY: dict[str, LayerFactory] = {}
+
+class EpochHook(Protocol):
+    """Called at the start of every epoch; returns metrics to record for it."""
+
+    def start_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
 
 
-def register_defense(name: str, cls: LayerFactory) -> LayerFactory:
-    """Register a defense layer under ``name``.
+@dataclass(frozen=True)
+class Example:
+    """A tiny instance of the layer and what its forward must look like (the contract tests).
 
-    Args:
-        name: Registry key (non-empty string, e.g. ``"kap"``).
-        cls: An ``nn.Module`` subclass or any callable returning an ``nn.Module``
-            (a ``functools.partial`` works).
+    Attributes:
+        make: Builds a small instance (fresh on every call).
+        in_shape: Input shape it accepts.
+        out_shape: Output shape it returns.
+        stochastic_train: A fresh random sample on each training forward.
+        mode_dependent: Train and eval compute different functions.
+        labels: Number of classes when the layer needs the labels in training (CAS), else 0.
+    """
+
+    make: Callable[[], nn.Module]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    stochastic_train: bool = False
+    mode_dependent: bool = False
+    labels: int = 0
+
+
+@dataclass(frozen=True)
+class DefenseEntry:
+    """What the system knows about one defense.
+
+    Attributes:
+        name: Registry key, e.g. ``"kap"``.
+        layer: The ``nn.Module`` class (or factory) behind :func:`create_defense`.
+        place: ``(params, num_classes) -> LayerSet``: the sites ``build_model`` fills. None for a
+            layer-only entry (usable with ``create_defense``, refused by ``build_model``).
+        params: The ``defense_params`` keys ``build_model`` accepts (build-time and the
+            training-time ones the training loop reads, e.g. k-WTA's schedule).
+        training_fields: Defense parameters that set a field of the training config instead
+            (``{"recipe": "recipe"}``: CAS searches its training recipe).
+        epoch_hook: ``params -> EpochHook`` for a per-epoch schedule (k-WTA's annealing).
+        routing: Selects units by argmax/top-k, so gradients can mislead (flag R13).
+        color: Plot colour (hex), the same in every plot.
+        in_default_study: Searched by a spec that lists no defenses.
+        example: A tiny instance for the contract tests every registered layer must pass.
+        cost_budget: (time, memory) ratio targets against the undefended training step at
+            ResNet-18/CIFAR scale, checked by ``robust-study bench layers``; None = no target.
+        paper: The publication, for tables and docs.
+    """
+
+    name: str
+    layer: LayerFactory
+    place: Placement | None = None
+    params: tuple[str, ...] = ()
+    training_fields: Mapping[str, str] = field(default_factory=dict)
+    epoch_hook: Callable[[Mapping[str, Any]], EpochHook] | None = None
+    routing: bool = False
+    color: str | None = None
+    in_default_study: bool = True
+    example: Example | None = None
+    cost_budget: tuple[float | None, float | None] | None = None
+    paper: str = ""
+
+
+_REGISTRY: dict[str, DefenseEntry] = {}
+
+
+def register_defense(
+    name: str,
+    layer: LayerFactory,
+    *,
+    place: Placement | None = None,
+    params: tuple[str, ...] = (),
+    training_fields: Mapping[str, str] | None = None,
+    epoch_hook: Callable[[Mapping[str, Any]], EpochHook] | None = None,
+    routing: bool = False,
+    color: str | None = None,
+    in_default_study: bool = True,
+    example: Example | None = None,
+    cost_budget: tuple[float | None, float | None] | None = None,
+    paper: str = "",
+) -> LayerFactory:
+    """Register a defense under ``name`` (see :class:`DefenseEntry` for the fields).
 
     Returns:
-        ``cls`` unchanged, so this can also be used inline.
+        ``layer`` unchanged, so this can also be used inline.
 
     Raises:
-        ValueError: if ``name`` is empty or already registered (silently replacing a layer
-            would change what every study using that name measures), or ``cls`` is not callable.
+        ValueError: if ``name`` is empty, the baseline's name or already registered (silently
+            replacing a layer would change what every study using that name measures), ``layer``
+            or ``place`` is not callable, or a training field is not among ``params``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"defense name={name!r} must be a non-empty string")
-    if not callable(cls):
-        raise ValueError(f"defense {name!r}: cls={cls!r} must be a callable returning an nn.Module")
+    if name == BASELINE:
+        raise ValueError(f"defense name {BASELINE!r} is reserved for the undefended model")
+    if not callable(layer):
+        raise ValueError(f"defense {name!r}: layer={layer!r} must be a callable returning an nn.Module")
+    if place is not None and not callable(place):
+        raise ValueError(f"defense {name!r}: place={place!r} must be callable")
     if name in _REGISTRY:
         raise ValueError(
-            f"defense name={name!r} is already registered (to {_REGISTRY[name]!r}); "
+            f"defense name={name!r} is already registered (to {_REGISTRY[name].layer!r}); "
             "choose another name"
         )
-    _REGISTRY[name] = cls
-    return cls
+    fields = dict(training_fields or {})
+    stray = sorted(set(fields) - set(params))
+    if stray:
+        raise ValueError(f"defense {name!r}: training_fields {stray} must be among params {list(params)}")
+    _REGISTRY[name] = DefenseEntry(
+        name=name, layer=layer, place=place, params=tuple(params), training_fields=fields,
+        epoch_hook=epoch_hook, routing=bool(routing), color=color,
+        in_default_study=bool(in_default_study), example=example, cost_budget=cost_budget, paper=paper,
+    )
+    return layer
+
+
+def unregister_defense(name: str) -> None:
+    """Remove a registration (tests and plug-in reloads); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
 
 
 def list_defenses() -> list[str]:
     """Return the registered defense names, sorted."""
     return sorted(_REGISTRY)
+
+
+def get_defense(name: str) -> DefenseEntry:
+    """The registration of ``name``.
+
+    Raises:
+        ValueError: for an unknown name, listing the registered ones.
+    """
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown defense {name!r}; allowed: {', '.join(list_defenses())}") from None
+
+
+def iter_defenses() -> Iterator[DefenseEntry]:
+    """Every registration, by name."""
+    for name in list_defenses():
+        yield _REGISTRY[name]
 
 
 def _signature(factory: LayerFactory) -> inspect.Signature | None:
@@ -88,12 +214,7 @@ def create_defense(name: str, **kwargs: Any) -> nn.Module:
 
         >>> kap = create_defense("kap", kernel_size=3, stride=1)
     """
-    try:
-        factory = _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown defense {name!r}; allowed: {', '.join(list_defenses())}"
-        ) from None
+    factory = get_defense(name).layer
     sig = _signature(factory)
     if sig is not None:
         params = sig.parameters.values()
@@ -122,19 +243,3 @@ def create_defense(name: str, **kwargs: Any) -> nn.Module:
                 f"allowed: {', '.join(allowed)}"
             )
     return factory(**kwargs)
-
-
-def _register_builtins() -> None:
-    for name, cls in {
-        "kap": KernelAveragePool,
-        "kwta": KWinnersTakeAll,
-        "kaf": KernelActivation,
-        "topkconv": TopKConv2d,
-        "dynamic_k": DynamicKLinear,
-        "cas": ChannelActivationSuppression,
-        "noise": ActivationNoise,
-    }.items():
-        register_defense(name, cls)
-
-
-_register_builtins()

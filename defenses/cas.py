@@ -20,12 +20,16 @@ adaptive attack (loss CE(main) + beta * CE(aux), paper's white-box evaluation).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from defenses._registry import Example, register_defense
+from defenses.backbones import LayerSet
 
 __all__ = [
     "ChannelActivationSuppression",
@@ -211,3 +215,38 @@ def cas_aux_loss(model: nn.Module, labels: Tensor) -> Tensor:
         loss = F.cross_entropy(aux, labels.to(aux.device))
         total = loss if total is None else total + loss
     return total / len(logits)  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------- registration
+
+CAS_PLACEMENTS: dict[str, int] = {"last": 1, "last2": 2, "last3": 3}
+CAS_PLACEMENT = "last2"  # Bai et al.: both blocks of ResNet-18's layer4 works best
+
+
+def _place_cas(params: Mapping[str, Any], num_classes: int) -> LayerSet:
+    """CAS after the last one/two/three blocks."""
+    placement = params.get("placement", CAS_PLACEMENT)
+    if placement not in CAS_PLACEMENTS:
+        raise ValueError(
+            f"placement={placement!r} must be one of {', '.join(map(repr, CAS_PLACEMENTS))}"
+        )
+    return LayerSet(
+        block_out=lambda channels: ChannelActivationSuppression(channels, num_classes),
+        n_block_out=CAS_PLACEMENTS[placement],
+    )
+
+
+register_defense(
+    "cas", ChannelActivationSuppression, place=_place_cas,
+    # beta (aux loss weight) is read by the training recipes; recipe (AT/TRADES/MART) sets the
+    # training config's recipe, so CAS's space can search the adversarial training it needs.
+    params=("placement", "beta", "recipe"),
+    training_fields={"recipe": "recipe"},
+    routing=True,
+    color="#8c564b",
+    cost_budget=(1.1, None),  # issue 2's layer-cost targets (time, memory)
+    paper=("Bai, Zeng, Jiang, Xia, Ma, Wang: Improving Adversarial Robustness via Channel-wise "
+           "Activation Suppressing (ICLR 2021)"),
+    example=Example(lambda: ChannelActivationSuppression(channels=8, num_classes=3), (2, 8, 3, 3), (2, 8, 3, 3),
+                    mode_dependent=True, labels=3),
+)

@@ -16,9 +16,15 @@ block of Gaussian terms is formed and reduced while it is in cache.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from defenses._placement import pick
+from defenses._registry import Example, register_defense
+from defenses.backbones import LayerSet
 
 __all__ = [
     "BANDWIDTH_RULES",
@@ -321,3 +327,25 @@ class KernelActivation(nn.Module):
             f"boundary={self.boundary}, bandwidth={self.bandwidth!r}, init={self.init!r}, "
             f"trainable_dictionary={self.trainable_dictionary}"
         )
+
+
+# --------------------------------------------------------------------------- registration
+
+_KAF_PARAMS = ("dictionary_size", "boundary", "bandwidth", "init", "trainable_dictionary")
+
+
+def _place_kaf(params: Mapping[str, Any], num_classes: int) -> LayerSet:
+    """A KAF (own alpha per channel/neuron) in place of every activation."""
+    kwargs = pick(params, _KAF_PARAMS)
+    KernelActivation(1, **kwargs)
+    return LayerSet(act=lambda channels: KernelActivation(channels, **kwargs))
+
+
+register_defense(
+    "kaf", KernelActivation, place=_place_kaf, params=_KAF_PARAMS,
+    color="#2ca02c",
+    cost_budget=(2.5, 2.0),  # issue 2's layer-cost targets (time, memory)
+    paper=("Scardapane, Van Vaerenbergh, Totaro, Uncini: Kafnets: kernel-based non-parametric "
+           "activation functions for neural networks (2019)"),
+    example=Example(lambda: KernelActivation(channels=8, dictionary_size=6), (2, 8, 3, 3), (2, 8, 3, 3)),
+)

@@ -15,10 +15,17 @@ backward is its transpose). Max pooling uses ``max_pool2d`` / ``max_pool3d`` on 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from defenses._placement import default_of, flag, nonneg_float, pick
+from defenses._registry import Example, register_defense
+from defenses.backbones import LayerSet
+from defenses.noise import ActivationNoise
 
 __all__ = [
     "KAP_DIMS",
@@ -351,3 +358,53 @@ class KernelAveragePool(nn.Module):
         if self.mode == "avg":
             text += f", count_include_pad={self.count_include_pad}"
         return text
+
+
+# --------------------------------------------------------------------------- registration
+
+#: Noise after each KAP when a placement gives no sigma (the layer alone is noise-free).
+KAP_SIGMA = 0.0
+
+
+def _place_kap(params: Mapping[str, Any], num_classes: int) -> LayerSet:
+    """KAP (+ noise) after every conv + BN, convs widened by KAP's channel reduction."""
+    kap_kwargs = pick(params, ("kernel_size", "stride", "dims", "mode", "count_include_pad"))
+    KernelAveragePool(**kap_kwargs)  # validate once, before building a whole network
+    stride = kap_kwargs.get("stride", default_of(KernelAveragePool, "stride"))
+    dims = kap_kwargs.get("dims", default_of(KernelAveragePool, "dims"))
+    factor = kap_width_factor(stride, dims)
+    sigma = nonneg_float(params, "sigma", KAP_SIGMA)
+    at_eval = flag(params, "noise_at_eval", False)
+
+    def post_conv(channels: int) -> nn.Module:
+        kap = KernelAveragePool(**kap_kwargs)
+        try:
+            out = kap.out_channels(channels)
+        except ValueError as err:
+            raise ValueError(
+                f"KernelAveragePool({kap_kwargs}) cannot map the widened {channels} channels back "
+                f"to the nominal {channels // factor}: {err}"
+            ) from err
+        if out * factor != channels:
+            raise ValueError(
+                f"KernelAveragePool({kap_kwargs}) maps the widened {channels} channels to {out}, "
+                f"not the nominal {channels // factor}; choose kernel_size/stride/dims "
+                f"(or width) so the channels divide evenly"
+            )
+        if sigma > 0:
+            return nn.Sequential(kap, ActivationNoise(sigma, at_eval=at_eval))
+        return kap
+
+    return LayerSet(post_conv=post_conv, conv_width=factor)
+
+
+register_defense(
+    "kap", KernelAveragePool, place=_place_kap,
+    # sigma > 0 adds ActivationNoise after every KAP; noise_at_eval keeps it in eval mode
+    # (the authors' stochastic deployment).
+    params=("kernel_size", "stride", "dims", "mode", "count_include_pad", "sigma", "noise_at_eval"),
+    color="#1f77b4",
+    cost_budget=(1.3, None),  # issue 2's layer-cost targets (time, memory)
+    paper="Bashivan, Ibrahim, Dehghani, Ren: Learning Robust Kernel Ensembles with Kernel Average Pooling (2022)",
+    example=Example(lambda: KernelAveragePool(kernel_size=3, stride=1), (2, 8, 3, 3), (2, 8, 3, 3)),
+)

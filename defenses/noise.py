@@ -13,11 +13,16 @@ model with EOT. ``at_eval`` selects the deployed behaviour; :func:`noise_disable
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from defenses._placement import pick
+from defenses._registry import Example, register_defense
+from defenses.backbones import LayerSet
 
 __all__ = ["ActivationNoise", "noise_disabled", "set_noise_at_eval"]
 
@@ -110,3 +115,24 @@ def noise_disabled(model: nn.Module) -> Iterator[int]:
     finally:
         for module, sigma in zip(modules, saved, strict=True):
             module.sigma = sigma
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _place_noise(params: Mapping[str, Any], num_classes: int) -> LayerSet:
+    """The Gaussian-noise baseline at KAP's sites, without KAP."""
+    kwargs = pick(params, ("sigma", "at_eval"))
+    ActivationNoise(**kwargs)
+    return LayerSet(post_conv=lambda channels: ActivationNoise(**kwargs))
+
+
+register_defense(
+    "noise", ActivationNoise, place=_place_noise, params=("sigma", "at_eval"),
+    color="#e377c2",
+    # A control for KAP (how much of its robustness is the noise alone), not a published defense:
+    # searched only when a spec names it.
+    in_default_study=False,
+    example=Example(lambda: ActivationNoise(sigma=0.1), (2, 8, 3, 3), (2, 8, 3, 3),
+                    stochastic_train=True, mode_dependent=True),
+)

@@ -32,12 +32,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from defenses._placement import check_k, default_of, resolve_k
+from defenses._registry import Example, register_defense
+from defenses.backbones import LayerSet
 
 __all__ = [
     "TOPK_CRITERIA",
@@ -686,3 +691,61 @@ class DynamicKLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
             f"bias={self.bias is not None}"
         )
+
+
+# --------------------------------------------------------------------------- registration
+
+_PAPER = ("Eigen, Sadovnik: TopKConv: Increased Adversarial Robustness Through Deeper "
+          "Interpretability (ICMLA 2021)")
+TOPKCONV_K = 0.1  # Eigen & Sadovnik: k = 10% of the channels
+TOPKCONV_LAYERS = 2  # ... in the two convs before the FC layers
+DYNAMIC_K = 0.02  # Eigen & Sadovnik: k = 10 of 512 in the final FC layer
+
+
+def _place_topkconv(params: Mapping[str, Any], num_classes: int) -> LayerSet:
+    """TopKConv2d for the last ``layers`` main-path convs."""
+    k = params.get("k", TOPKCONV_K)
+    criterion = params.get("criterion", default_of(TopKConv2d, "criterion"))
+    n_layers = params.get("layers", TOPKCONV_LAYERS)
+    if isinstance(n_layers, bool) or not isinstance(n_layers, numbers.Integral) or n_layers < 1:
+        raise ValueError(f"layers={n_layers!r} must be an int >= 1 (paper: 2)")
+    check_k(k, "TopKConv2d")
+
+    def last_conv(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Module:
+        # "neuron" keeps k output channels; "max"/"sum" keep k input channels per output.
+        n, what = (cout, "out_channels") if criterion == "neuron" else (cin, "in_channels")
+        kk = resolve_k(k, n, what=what, layer=f"TopKConv2d({cin}->{cout})")
+        return TopKConv2d(
+            cin, cout, kernel, k=kk, criterion=criterion, stride=stride, padding=padding,
+            bias=False,
+        )
+
+    return LayerSet(last_conv=last_conv, n_last_convs=int(n_layers))
+
+
+def _place_dynamic_k(params: Mapping[str, Any], num_classes: int) -> LayerSet:
+    """Dynamic-k in every FC layer (the single classifier of small_cnn/ResNets, both of VGG)."""
+    k = params.get("k", DYNAMIC_K)
+    check_k(k, "DynamicKLinear")
+
+    def fc(fin: int, fout: int) -> nn.Module:
+        kk = resolve_k(k, fin, what="in_features", layer=f"DynamicKLinear({fin}->{fout})")
+        return DynamicKLinear(fin, fout, k=kk)
+
+    return LayerSet(linear=fc)
+
+
+register_defense(
+    "topkconv", TopKConv2d, place=_place_topkconv,
+    # layers = how many of the last main-path convs become TopKConv2d.
+    params=("k", "criterion", "layers"), routing=True, color="#d62728",
+    cost_budget=(2.0, 1.5),  # issue 2's layer-cost targets (time, memory)
+    paper=_PAPER,
+    example=Example(lambda: TopKConv2d(in_channels=6, out_channels=5, kernel_size=3, k=2, padding=1),
+                    (2, 6, 4, 4), (2, 5, 4, 4)),
+)
+register_defense(
+    "dynamic_k", DynamicKLinear, place=_place_dynamic_k, params=("k",), routing=True,
+    color="#9467bd", paper=_PAPER,
+    example=Example(lambda: DynamicKLinear(in_features=7, out_features=4, k=3), (3, 7), (3, 4)),
+)

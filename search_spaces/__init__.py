@@ -31,7 +31,13 @@ from search_spaces._registry import (
     SPACES,
     TRAINING_SPACE,
     get_space,
+    list_spaces,
+    register_space,
+    unregister_space,
 )
+
+# The built-in spaces register themselves on import, in the order default studies list them.
+from search_spaces import kap, kwta, kaf, topk, cas, noise  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "BASELINE",
@@ -48,4 +54,7 @@ __all__ = [
     "Param",
     "TrialLike",
     "get_space",
+    "list_spaces",
+    "register_space",
+    "unregister_space",
 ]

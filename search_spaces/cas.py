@@ -16,6 +16,7 @@ adversarial training.
 from __future__ import annotations
 
 from search_spaces._params import Categorical, DefenseSpace, Float
+from search_spaces._registry import register_space
 
 __all__ = ["NON_CONSTRUCTOR_PARAMS", "SPACE"]
 
@@ -44,3 +45,5 @@ SPACE = DefenseSpace(
         "Activation Suppressing (ICLR 2021)"
     ),
 )
+
+register_space(SPACE, NON_CONSTRUCTOR_PARAMS)

@@ -12,6 +12,7 @@ boundary 3 (the reference code uses 3 or 4).
 from __future__ import annotations
 
 from search_spaces._params import Categorical, DefenseSpace, Float, Int
+from search_spaces._registry import register_space
 
 __all__ = ["NON_CONSTRUCTOR_PARAMS", "SPACE"]
 
@@ -43,3 +44,5 @@ SPACE = DefenseSpace(
         "activation functions for neural networks (2019)"
     ),
 )
+
+register_space(SPACE, NON_CONSTRUCTOR_PARAMS)

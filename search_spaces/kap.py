@@ -14,6 +14,7 @@ widening the preceding conv (paper appendix A.3).
 from __future__ import annotations
 
 from search_spaces._params import Categorical, DefenseSpace, Float, Int
+from search_spaces._registry import register_space
 
 __all__ = ["NON_CONSTRUCTOR_PARAMS", "SPACE"]
 
@@ -43,3 +44,5 @@ SPACE = DefenseSpace(
         "Average Pooling (2022)"
     ),
 )
+
+register_space(SPACE, NON_CONSTRUCTOR_PARAMS)

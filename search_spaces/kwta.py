@@ -13,6 +13,7 @@ every 2 epochs.
 from __future__ import annotations
 
 from search_spaces._params import Categorical, DefenseSpace, Float, Int
+from search_spaces._registry import register_space
 
 __all__ = ["NON_CONSTRUCTOR_PARAMS", "SPACE"]
 
@@ -47,3 +48,5 @@ SPACE = DefenseSpace(
         "Xiao, Zhong, Zheng: Enhancing Adversarial Defense by k-Winners-Take-All (ICLR 2020)"
     ),
 )
+
+register_space(SPACE, NON_CONSTRUCTOR_PARAMS)

@@ -9,6 +9,7 @@ Paper default: sigma = 0.1 (the paper uses sigma in {0, 0.1, 0.2}).
 from __future__ import annotations
 
 from search_spaces._params import DefenseSpace, Float
+from search_spaces._registry import register_space
 
 __all__ = ["NON_CONSTRUCTOR_PARAMS", "SPACE"]
 
@@ -25,3 +26,5 @@ SPACE = DefenseSpace(
         "Average Pooling (2022), noise-only ablation"
     ),
 )
+
+register_space(SPACE, NON_CONSTRUCTOR_PARAMS)

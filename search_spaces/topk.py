@@ -18,6 +18,7 @@ final dense layer -- one fraction for both here, 2%.
 from __future__ import annotations
 
 from search_spaces._params import Categorical, DefenseSpace, Float, Int
+from search_spaces._registry import register_space
 
 __all__ = [
     "DYNAMIC_K_NON_CONSTRUCTOR_PARAMS",
@@ -67,3 +68,6 @@ DYNAMIC_K_SPACE = DefenseSpace(
     ),
     paper=_PAPER,
 )
+
+register_space(TOPKCONV_SPACE, TOPKCONV_NON_CONSTRUCTOR_PARAMS)
+register_space(DYNAMIC_K_SPACE, DYNAMIC_K_NON_CONSTRUCTOR_PARAMS)

@@ -43,11 +43,13 @@ from defenses import (
     build_model,
     cas_aux_loss,
     cas_labels,
+    cas_modules,
+    iter_defenses,
     kaf_naive,
     topk_conv2d_naive,
 )
 
-__all__ = ["NETWORK_ROWS", "TARGETS", "bench_layers", "format_table"]
+__all__ = ["bench_layers", "format_table", "network_rows", "targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,26 +63,23 @@ class _NetRow:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-#: The paper defaults benchmarked (docs/defenses.md); "none" is the reference every ratio divides by.
-NETWORK_ROWS: tuple[_NetRow, ...] = (
-    _NetRow("none", None),
-    _NetRow("kap", "kap", {"kernel_size": 3, "stride": 1, "sigma": 0.1}),
-    _NetRow("noise", "noise", {"sigma": 0.1}),
-    _NetRow("kwta", "kwta", {"gamma": 0.1}),
-    _NetRow("kaf", "kaf", {"dictionary_size": 20}),
-    _NetRow("topkconv", "topkconv", {"k": 0.1, "criterion": "max", "layers": 2}),
-    _NetRow("dynamic_k", "dynamic_k", {}),
-    _NetRow("cas", "cas", {"placement": "last2"}),
-)
+def network_rows() -> tuple[_NetRow, ...]:
+    """The undefended reference, then every registered defense at its search space's paper defaults."""
+    from search_spaces import SPACES
 
-#: (time ratio, memory ratio) targets from issue 2; None = no target.
-TARGETS: dict[str, tuple[float | None, float | None]] = {
-    "kap": (1.3, None),
-    "kwta": (1.5, None),
-    "kaf": (2.5, 2.0),
-    "topkconv": (2.0, 1.5),
-    "cas": (1.1, None),
-}
+    rows = [_NetRow("none", None)]
+    for entry in iter_defenses():
+        if entry.place is None:
+            continue
+        space = SPACES.get(entry.name)
+        rows.append(_NetRow(entry.name, entry.name, dict(space.defaults) if space else {}))
+    return tuple(rows)
+
+
+def targets() -> dict[str, tuple[float | None, float | None]]:
+    """(time ratio, memory ratio) targets, as each defense's registration declares them."""
+    return {entry.name: entry.cost_budget for entry in iter_defenses() if entry.cost_budget}
+
 
 CAS_BETA = 2.0  # Bai et al.'s default weight of the auxiliary loss under adversarial training
 
@@ -166,7 +165,7 @@ def _network_step(
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.rand(batch, 3, image, image, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    use_cas = row.defense == "cas"
+    use_cas = bool(cas_modules(model))  # an auxiliary loss, as the training recipes add it
 
     def step() -> Tensor:
         opt.zero_grad(set_to_none=True)
@@ -224,30 +223,30 @@ def _layer_rows(
     kaf_cfg = f"{c_kaf} ch at {image}x{image}, D=20"
     return [
         (
-            "topkconv",
+            TopKConv2d.__name__,
             "conv2d",
             topk_cfg,
             lambda: _layer_step(plain_conv, x_topk, list(plain_conv.parameters())),
         ),
-        ("topkconv", "topkconv lean", topk_cfg, lambda: _layer_step(lean_topk, x_topk, [w, b])),
+        (TopKConv2d.__name__, "TopKConv2d lean", topk_cfg, lambda: _layer_step(lean_topk, x_topk, [w, b])),
         (
-            "topkconv",
-            "topkconv naive",
+            TopKConv2d.__name__,
+            "TopKConv2d naive",
             topk_cfg,
             lambda: _layer_step(
                 lambda x: topk_conv2d_naive(x, w, b, k_topk, "max", 1, 1), x_topk, [w, b]
             ),
         ),
-        ("kaf", "relu", kaf_cfg, lambda: _layer_step(relu, x_kaf, [])),
+        (KernelActivation.__name__, "relu", kaf_cfg, lambda: _layer_step(relu, x_kaf, [])),
         (
-            "kaf",
-            "kaf lean",
+            KernelActivation.__name__,
+            "KernelActivation lean",
             kaf_cfg,
             lambda: _layer_step(lean_kaf, x_kaf, list(lean_kaf.parameters())),
         ),
         (
-            "kaf",
-            "kaf naive",
+            KernelActivation.__name__,
+            "KernelActivation naive",
             kaf_cfg,
             lambda: _layer_step(
                 lambda x: kaf_naive(x, lean_kaf.alpha, lean_kaf.dictionary, lean_kaf.gamma),
@@ -308,12 +307,13 @@ def bench_layers(
     mem_key = "peak_bytes" if dev.type == "cuda" else "act_bytes"
 
     rows: list[dict[str, Any]] = []
-    logger.info("bench %s: %d network configurations", backbone, len(NETWORK_ROWS))
+    net_rows = network_rows()
+    logger.info("bench %s: %d network configurations", backbone, len(net_rows))
     steps = [
         _network_step(row, backbone=backbone, batch=batch, image=image, width=width, device=dev)
-        for row in NETWORK_ROWS
+        for row in net_rows
     ]
-    for net_row, result in zip(NETWORK_ROWS, _measure_all(steps, dev, repeats), strict=True):
+    for net_row, result in zip(net_rows, _measure_all(steps, dev, repeats), strict=True):
         rows.append(
             {
                 "kind": "network",
@@ -341,6 +341,7 @@ def bench_layers(
                 }
             )
 
+    budgets = targets()
     refs: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         if row["kind"] == "network" and row["name"] == "none":
@@ -352,8 +353,8 @@ def bench_layers(
         row["baseline"] = ref["name"]
         row["time_ratio"] = _ratio(row["time_s"], ref["time_s"])
         row["mem_ratio"] = _ratio(row[mem_key], ref[mem_key])
-        targets = TARGETS.get(row["name"]) if row["kind"] == "network" else None
-        time_target, mem_target = targets or (None, None)
+        budget = budgets.get(row["name"]) if row["kind"] == "network" else None
+        time_target, mem_target = budget or (None, None)
         row["time_target"], row["mem_target"] = time_target, mem_target
         row["time_ok"] = _ok(row["time_ratio"], time_target)
         row["mem_ok"] = _ok(row["mem_ratio"], mem_target)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study.spec import StudySpec, parse_spec
+from study.spec import StudySpec, bench_spec
 
 __all__ = ["audit_study", "bench_load", "format_load", "load_spec"]
 
@@ -27,29 +27,13 @@ logger = logging.getLogger(__name__)
 
 def load_spec(storage: str | Path, num_trials: int = 100, concurrency: int = 2,
               tracking_uri: str | None = None, name: str = "bench_load") -> StudySpec:
-    """Tiny digits trials over KAP (no noise), CAS and the baseline; random search."""
-    data: dict[str, Any] = {
-        "name": name,
-        "data": {"name": "digits", "train_subset": 300},
-        "model": {"backbone": "small_cnn"},
-        # KAP without noise: a noisy KAP is also attacked with EOT (the KAP protocol), which
-        # would make some "tiny" trials 10x longer than the rest.
-        "defenses": {"kap": {"sigma": 0.0}, "cas": {}},
-        "include_baseline": True,
-        "training": {"epochs": 1, "batch_size": 64},
-        # Checks stay on (cheaply): without them no result is trusted and the front is empty.
-        "search_eval": {"n_samples": 40, "attacks": [{"name": "pgd", "steps": 2}], "eps_curve": [],
-                        "check_samples": 10},
-        "final_eval": {"n_samples": 40, "attacks": [{"name": "pgd", "steps": 5}], "eps_curve": [],
-                       "check_samples": 10},
-        "sampler": {"name": "random", "seed": 0},
-        "num_trials": num_trials,
-        "concurrency": concurrency,
-        "storage": str(storage),
-    }
+    """Tiny digits trials over KAP (no noise), CAS and the baseline; random search
+    (``study/specs/bench/load.yaml``)."""
+    updates: dict[str, Any] = {"name": name, "num_trials": num_trials, "concurrency": concurrency,
+                               "storage": str(storage)}
     if tracking_uri:
-        data["mlflow"] = {"tracking_uri": tracking_uri}
-    return parse_spec(data, source="bench load")
+        updates["mlflow"] = {"tracking_uri": tracking_uri}
+    return bench_spec("load", source="bench load", **updates)
 
 
 def audit_study(spec: StudySpec, tracking_uri: str) -> dict[str, Any]:

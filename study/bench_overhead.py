@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from study.runner import params_key, trial_seconds
-from study.spec import StudySpec, parse_spec, trial_config_for
+from study.spec import StudySpec, bench_spec, trial_config_for
 
 __all__ = ["bench_overhead", "format_overhead", "overhead_spec", "sample_params"]
 
@@ -52,29 +52,10 @@ OVERHEAD_TARGET_S = 1.0
 
 
 def overhead_spec(storage: str | Path, num_trials: int = 16, concurrency: int = 2, epochs: int = 3) -> StudySpec:
-    """Short digits trials (small CNN, a few epochs, PGD-10 on 200 samples, checks on)."""
-    return parse_spec(
-        {
-            "name": "bench_overhead",
-            "data": {"name": "digits"},
-            "model": {"backbone": "small_cnn"},
-            # KAP without its noise: a noisy KAP is attacked with EOT as well (the KAP protocol),
-            # which makes its trials 5-10x longer than the rest, and one long trial at the end
-            # of the queue would measure the queue's imbalance rather than the framework.
-            "defenses": {"kap": {"sigma": 0.0}, "cas": {}, "dynamic_k": {}},
-            "include_baseline": True,
-            "training": {"epochs": epochs, "batch_size": 64, "lr": 0.05},
-            "search_eval": {"n_samples": 200, "attacks": [{"name": "pgd", "steps": 10}], "eps_curve": [],
-                            "check_samples": 50},
-            # The loop has no verification step, so neither has the study: the same work on every side.
-            "verify": False,
-            "sampler": {"name": "random", "seed": 0},
-            "num_trials": num_trials,
-            "concurrency": concurrency,
-            "storage": str(storage),
-        },
-        source="bench overhead",
-    )
+    """Short digits trials (small CNN, a few epochs, PGD-10 on 200 samples, checks on;
+    ``study/specs/bench/overhead.yaml``)."""
+    return bench_spec("overhead", source="bench overhead", num_trials=num_trials, concurrency=concurrency,
+                      training={"epochs": epochs}, storage=str(storage))
 
 
 def sample_params(spec: StudySpec, n: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from study.runner import params_key
-from study.spec import StudySpec, parse_spec, trial_config_for
+from study.spec import StudySpec, bench_spec, trial_config_for
 
 __all__ = ["SAMPLERS", "bench_search", "format_search", "search_spec"]
 
@@ -42,25 +42,9 @@ def search_spec(sampler: str = "tpe", seed: int = 0, epochs: int = 2) -> StudySp
     """The cheap space: baseline, KAP (no noise) and CAS on digits, fast adversarial training
     whose lr and training epsilon are searched too (the main accuracy/robustness trade-off).
     A trial is ~2 s on one core (600 training images, two epochs, PGD-5 on 100 test images):
-    the benchmark runs 9 searches of 64 trials."""
-    return parse_spec(
-        {
-            "name": "bench_search",
-            "data": {"name": "digits", "train_subset": 600},
-            "model": {"backbone": "small_cnn"},
-            # KAP without noise (a noisy KAP is also attacked with EOT, 5-10x the cost of a
-            # trial); CAS's space carries its own recipe: fix it to the space's one.
-            "defenses": {"kap": {"sigma": 0.0}, "cas": {"recipe": "fast_at"}},
-            "include_baseline": True,
-            "training": {"recipe": "fast_at", "epochs": epochs, "batch_size": 64},
-            "search_training": ["lr", "adv_eps"],
-            "search_eval": {"n_samples": 100, "attacks": [{"name": "pgd", "steps": 5}], "eps_curve": [],
-                            "check_samples": 10},
-            "sampler": {"name": sampler, "seed": seed},
-            "storage": "unused",
-        },
-        source="bench search",
-    )
+    the benchmark runs 9 searches of 64 trials. The workload: ``study/specs/bench/search.yaml``."""
+    return bench_spec("search", source="bench search", sampler={"name": sampler, "seed": seed},
+                      training={"epochs": epochs})
 
 
 _CACHE: dict[str, tuple[float, float] | None] = {}

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Flag",
-    "ROUTING_DEFENSES",
     "check_batch_independence",
     "check_black_box",
     "check_eps_curve",
@@ -50,6 +49,7 @@ __all__ = [
     "check_stochastic",
     "check_unbounded",
     "probe_stochastic",
+    "routing_defenses",
     "run_checks",
     "trusted",
 ]
@@ -75,8 +75,14 @@ FGSM_TOL = 0.02
 """R7: PGD may exceed FGSM's accuracy by at most 2 points."""
 HARNESS_MAX_ACCURACY = 0.1
 """R17: an undefended, standard-trained model must be broken (<= 10%) at the study eps."""
-ROUTING_DEFENSES = frozenset({"kwta", "topkconv", "dynamic_k", "cas"})
-"""R13: defenses that route by argmax/top-k (piecewise-constant, gradients can mislead)."""
+
+
+def routing_defenses() -> frozenset[str]:
+    """R13: defenses that route by argmax/top-k (piecewise-constant, gradients can mislead)."""
+    from defenses import iter_defenses
+
+    return frozenset(entry.name for entry in iter_defenses() if entry.routing)
+
 PROBE_SAMPLES = 64
 
 
@@ -214,7 +220,7 @@ def check_stochastic(stochastic: bool, max_abs_diff: float, eot_attacks: Sequenc
 
 def check_routing(defense: str, attack_names: Sequence[str]) -> Flag | None:
     """R13 (warn): argmax/top-k routing defenses need a gradient-free attack in the suite."""
-    if defense not in ROUTING_DEFENSES:
+    if defense not in routing_defenses():
         return None
     black = [n for n in attack_names if n in ("square", "autoattack")]
     passed = bool(black)

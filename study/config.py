@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder")
 BACKBONES = ("small_cnn", "resnet18", "resnet20", "vgg16")
-DEFENSES = ("none", "kap", "kwta", "kaf", "topkconv", "dynamic_k", "cas", "noise")
 RECIPES = ("standard", "noise", "fast_at", "pgd_at", "trades", "mart")
 ATTACKS = (
     "fgsm",
@@ -71,10 +70,19 @@ class ModelConfig(_Strict):
     """Backbone architecture."""
     width: int = Field(1, ge=1, le=16)
     """Channel multiplier."""
-    defense: Literal[DEFENSES] = "none"  # type: ignore[valid-type]
-    """Defense placed at its paper sites; `none` is the undefended baseline."""
+    defense: str = "none"
+    """A registered defense placed at its paper sites; `none` is the undefended baseline."""
     defense_params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the defense (constructor and placement), e.g. {kernel_size: 3}."""
+
+    @field_validator("defense")
+    @classmethod
+    def _registered_defense(cls, value: str) -> str:
+        # The registry, not a list here: a plug-in defense is as valid as a built-in one.
+        allowed = allowed_defenses()
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not allowed; expected one of {', '.join(map(repr, allowed))}")
+        return value
 
 
 class TrainingConfig(_Strict):
@@ -176,10 +184,21 @@ class TrialConfig(_Strict):
     """Seeds data split, initialisation, training order and attacks."""
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda | cuda:N."""
+    plugins: list[str] = Field(default_factory=list)
+    """Modules or .py files that register third-party defenses; loaded before `model` is read."""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("plugins")
+    @classmethod
+    def _load_plugins(cls, value: list[str]) -> list[str]:
+        from study.plugins import load_plugins, resolve_plugin
+
+        refs = [resolve_plugin(ref) for ref in value]
+        load_plugins(refs)
+        return refs
 
     @field_validator("device")
     @classmethod
@@ -202,6 +221,13 @@ class TrialConfig(_Strict):
                 f"allowed: {', '.join(allowed) or 'none'}"
             )
         return self
+
+
+def allowed_defenses() -> list[str]:
+    """``none`` and every registered defense (installed plug-ins included)."""
+    from study.plugins import defense_names
+
+    return ["none", *defense_names()]
 
 
 def _format_error(err: ValidationError) -> str:

@@ -51,20 +51,10 @@ UNTRUSTED_LABEL = "untrusted (failed gate)"
 FRONT_LABEL = "Pareto front"
 NO_TRIALS_NOTE = "no completed trials"
 
-# Fixed colour per known defense so a defense looks the same in every plot of every study.
-# "none" (the undefended baseline) is neutral grey; the rest are Tableau-10 colours, in the order
-# of study.config.DEFENSES, skipping grey. Kept as a literal table (not imported from the config)
-# so a new defense only needs a colour here, and an unknown one still gets a stable colour.
-_DEFENSE_COLORS: dict[str, str] = {
-    "none": "#7f7f7f",
-    "kap": "#1f77b4",
-    "kwta": "#ff7f0e",
-    "kaf": "#2ca02c",
-    "topkconv": "#d62728",
-    "dynamic_k": "#9467bd",
-    "cas": "#8c564b",
-    "noise": "#e377c2",
-}
+# Fixed colour per defense so a defense looks the same in every plot of every study: the colour
+# its registration declares; the undefended baseline is neutral grey; a defense without one gets a
+# stable colour from a spare palette.
+BASELINE_COLOR = "#7f7f7f"
 _EXTRA_COLORS = ("#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 
 
@@ -75,8 +65,12 @@ def defense_color(defense: str) -> str:
         defense: Defense name; unknown names get a colour from a spare palette chosen by a
             stable hash (crc32, not Python's salted ``hash``), so it is the same in every process.
     """
-    if defense in _DEFENSE_COLORS:
-        return _DEFENSE_COLORS[defense]
+    from defenses import BASELINE, get_defense, list_defenses
+
+    if defense == BASELINE:
+        return BASELINE_COLOR
+    if defense in list_defenses() and get_defense(defense).color:
+        return str(get_defense(defense).color)
     return _EXTRA_COLORS[zlib.crc32(defense.encode()) % len(_EXTRA_COLORS)]
 
 

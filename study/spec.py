@@ -34,7 +34,29 @@ OBJECTIVE_DIRECTIONS = {
     "train_seconds": "min",
     "num_parameters": "min",
 }
-SEARCH_DEFENSES = ("kap", "kwta", "kaf", "topkconv", "dynamic_k", "cas", "noise")
+
+
+def searchable_defenses() -> list[str]:
+    """Registered defenses that have a search space, in the spaces' registration order."""
+    from search_spaces import SPACES
+    from study.plugins import defense_names
+
+    registered = set(defense_names())
+    return [name for name in SPACES if name in registered]
+
+
+def default_defenses() -> list[str]:
+    """What a spec that lists no defenses searches: every searchable defense its module marks so."""
+    from defenses import get_defense
+
+    return [name for name in searchable_defenses() if get_defense(name).in_default_study]
+
+
+def _training_fields(defense: str) -> dict[str, str]:
+    """Defense-space parameters that configure the training recipe, not the network (registry)."""
+    from defenses import get_defense
+
+    return dict(get_defense(defense).training_fields) if defense != "none" else {}
 
 
 class SamplerConfig(_Strict):
@@ -86,10 +108,12 @@ class StudySpec(_Strict):
     """Study name: the results folder, the MLflow parent run and the Optuna study are named after it."""
     description: str = ""
     """Free text shown in MLflow."""
+    plugins: list[str] = Field(default_factory=list)
+    """Modules or .py files registering third-party defenses (docs/adding-a-defense.md); every worker loads them."""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     """Backbone and width (the defense is searched: leave defense/defense_params unset)."""
-    defenses: dict[str, dict[str, Any]] = Field(default_factory=lambda: {d: {} for d in SEARCH_DEFENSES[:-1]})
+    defenses: dict[str, dict[str, Any]] = Field(default_factory=lambda: {d: {} for d in default_defenses()})
     """Defenses to search, each with fixed overrides (e.g. {kap: {dims: 1}}); a list of names is accepted."""
     include_baseline: bool = True
     """Also try the undefended model (defense none)."""
@@ -124,6 +148,16 @@ class StudySpec(_Strict):
     seed: int = 0
     """Trial seed (data split, initialisation, attacks); the same for every trial so they compare."""
 
+    @field_validator("plugins")
+    @classmethod
+    def _load_plugins(cls, value: list[str]) -> list[str]:
+        # Validated before `defenses` (field order), so a plug-in's defense is known there.
+        from study.plugins import load_plugins, resolve_plugin
+
+        refs = [resolve_plugin(ref) for ref in value]
+        load_plugins(refs)
+        return refs
+
     @field_validator("defenses", mode="before")
     @classmethod
     def _list_to_mapping(cls, value: Any) -> Any:
@@ -134,9 +168,10 @@ class StudySpec(_Strict):
     @field_validator("defenses")
     @classmethod
     def _known_defenses(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        allowed = searchable_defenses()
         for name, overrides in value.items():
-            if name not in SEARCH_DEFENSES:
-                raise ValueError(f"unknown defense {name!r}; allowed: {', '.join(SEARCH_DEFENSES)}")
+            if name not in allowed:
+                raise ValueError(f"unknown defense {name!r}; allowed: {', '.join(allowed)}")
             if not isinstance(overrides, dict):
                 raise ValueError(f"overrides of {name!r} must be a mapping of parameter: value")
         return value
@@ -209,10 +244,6 @@ class StudySpec(_Strict):
         )
 
 
-# Defense-space parameters that configure the training recipe, not the network.
-_DEFENSE_TO_TRAINING = {("cas", "recipe"): "recipe"}
-
-
 def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "trial") -> TrialConfig:
     """Turn one flat point of the search space into a complete, validated trial config.
 
@@ -222,6 +253,7 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
     """
     defense = params.get("defense", "none")
     defense_params: dict[str, Any] = dict(spec.defenses.get(defense, {}))
+    to_training = _training_fields(defense)
     training_updates: dict[str, Any] = {}
     for key, value in params.items():
         if key == "defense":
@@ -230,18 +262,19 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
         if scope == "training":
             training_updates[pname] = value
         elif scope == defense:
-            target = _DEFENSE_TO_TRAINING.get((defense, pname))
+            target = to_training.get(pname)
             if target:
                 training_updates[target] = value
             else:
                 defense_params[pname] = value
-    for (d, pname), target in _DEFENSE_TO_TRAINING.items():
-        if d == defense and pname in defense_params:
+    for pname, target in to_training.items():
+        if pname in defense_params:
             training_updates[target] = defense_params.pop(pname)
     training = spec.training.model_copy(update=training_updates)
     data = {
         "name": name,
         "seed": spec.seed,
+        "plugins": list(spec.plugins),
         "data": spec.data.model_dump(),
         "model": {**spec.model.model_dump(), "defense": defense, "defense_params": defense_params},
         "training": training.model_dump(),
@@ -281,11 +314,37 @@ def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
     return spec
 
 
+def bench_spec(workload: str, *, source: str, **updates: Any) -> StudySpec:
+    """A benchmark's workload (``study/specs/bench/<workload>.yaml``) with ``updates`` applied.
+
+    Top-level keys are replaced, except mappings, which are merged one level deep (so
+    ``training={"epochs": 3}`` keeps the file's batch size).
+    """
+    import yaml
+
+    data = yaml.safe_load(resources.files("study.specs").joinpath("bench", f"{workload}.yaml").read_text())
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_spec(data, source=source)
+
+
 def load_spec(spec_or_name: str) -> StudySpec:
     """A spec file path or the name of a built-in spec."""
     path = Path(spec_or_name)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        return parse_spec(read_yaml(path), source=str(path))
+        data = read_yaml(path)
+        if isinstance(data, dict) and isinstance(data.get("plugins"), list):
+            # A plug-in file named in a spec is found next to the spec, wherever it is run from.
+            from study.plugins import resolve_plugin
+
+            try:
+                data["plugins"] = [resolve_plugin(ref, base=path.parent) for ref in data["plugins"]]
+            except ValueError as err:
+                raise ConfigError(f"{path}: plugins: {err}") from None
+        return parse_spec(data, source=str(path))
     if spec_or_name in BUILTIN_SPECS:
         import yaml
 

@@ -4,7 +4,7 @@
 differs between recipes and defenses enters through small hooks instead of branches here:
 
 * the recipe's ``batch_loss`` (adversarial-example generation, the loss, CAS's auxiliary loss);
-* epoch hooks from :data:`EPOCH_HOOKS`, keyed by defense (k-WTA's gamma annealing);
+* the defense's epoch hook from the registry (k-WTA's gamma annealing);
 * learning-rate schedules from :data:`LR_SCHEDULES`, a pure function of the global step, so a
   resumed run sets exactly the same learning rates as an uninterrupted one;
 * optimisers from :data:`OPTIMIZERS`.
@@ -27,24 +27,22 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from defenses.kwta import annealed_gamma, set_gamma
+from defenses import BASELINE, EpochHook, get_defense
 from study.config import TrainingConfig
 from study.data import DataBundle, eval_loader, train_loader
 from study.recipes import RECIPES, Recipe, StepContext, linf_pgd
 
 __all__ = [
-    "EPOCH_HOOKS",
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "EpochReport",
     "FitResult",
-    "KWTAAnnealing",
     "epoch_seed",
     "fit",
     "lr_factor",
@@ -106,60 +104,6 @@ class FitResult:
 
 
 # --- hooks ----------------------------------------------------------------------------------
-
-
-class EpochHook(Protocol):
-    """Called at the start of every epoch; returns metrics to record for it."""
-
-    def start_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
-
-
-@dataclass(frozen=True)
-class KWTAAnnealing:
-    """k-WTA sparsity annealing (Xiao et al., "Enhancing adversarial defense by k-winners-take-all";
-    the authors' fine-tune config): gamma(e) = max(target, start - step * floor(e / every)).
-
-    With ``start <= target`` gamma is fixed at ``target``.
-    """
-
-    target: float = 0.2
-    start: float = 0.2
-    step: float = 0.005
-    every: int = 2
-
-    def __post_init__(self) -> None:
-        # Checked here, before the first epoch, so a bad schedule fails before any training.
-        for name, value in (("gamma", self.target), ("gamma_start", self.start)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name}={value} must be in (0, 1]")
-        if self.step < 0.0:
-            raise ValueError(f"gamma_step={self.step} must be >= 0")
-        if self.every < 1:
-            raise ValueError(f"gamma_every={self.every} must be an int >= 1")
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> KWTAAnnealing:
-        """Read gamma / gamma_start / gamma_step / gamma_every from the defense parameters."""
-        return cls(
-            target=float(params.get("gamma", 0.2)),
-            start=float(params.get("gamma_start", 0.2)),
-            step=float(params.get("gamma_step", 0.005)),
-            every=int(params.get("gamma_every", 2)),
-        )
-
-    def start_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        gamma = float(annealed_gamma(
-            epoch, target=self.target, start=self.start, step=self.step, every=self.every
-        ))
-        if set_gamma(model, gamma) == 0:
-            log.warning("defense kwta: the model has no k-WTA module to anneal")
-        return {"gamma": gamma}
-
-
-EPOCH_HOOKS: dict[str, Callable[[dict[str, Any]], EpochHook]] = {
-    "kwta": KWTAAnnealing.from_params,
-}
-"""defense name -> factory(defense_params) of its epoch hook."""
 
 
 @dataclass(frozen=True)
@@ -459,7 +403,7 @@ def fit(
     recipe = RECIPES[cfg.recipe]
     model.to(device)
     optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg)
-    hook_factory = EPOCH_HOOKS.get(defense)
+    hook_factory = get_defense(defense).epoch_hook if defense and defense != BASELINE else None
     hooks: list[EpochHook] = [hook_factory(defense_params)] if hook_factory else []
     ctx = StepContext.for_model(model, cfg, defense_params)
     state = _restore(resume, model, optimizer, cfg, seed) if resume is not None else _State()

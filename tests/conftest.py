@@ -219,3 +219,14 @@ def logged_study(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathF
         driver.stop()
     return {"returncode": code, "output": driver.output, "study_dir": tmp / "results" / "served", "name": "served",
             "seconds": None}
+
+
+#: A sixth defense outside the package tree, registered through the public API only (issue 13).
+TOY_PLUGIN = Path(__file__).resolve().parent / "plugins" / "toy_clip.py"
+
+
+def pytest_configure(config) -> None:  # noqa: ANN001 - pytest's hook signature
+    # Loaded before collection, so every registry-driven test (contract, build, bench) covers it.
+    from study.plugins import load_plugins
+
+    load_plugins([str(TOY_PLUGIN)])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from study.bench import NETWORK_ROWS, TARGETS, bench_layers, format_table
+from study.bench import bench_layers, format_table, network_rows, targets
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def rows() -> list[dict]:
 
 def test_a_row_per_defense_with_finite_ratios(rows: list[dict]) -> None:
     network = [r for r in rows if r["kind"] == "network"]
-    assert [r["name"] for r in network] == [r.name for r in NETWORK_ROWS]
+    assert [r["name"] for r in network] == [r.name for r in network_rows()]
     assert {"kap", "kwta", "kaf", "topkconv", "dynamic_k", "cas", "noise"} <= {r["name"] for r in network}
     for row in rows:
         assert row["time_s"] > 0 and row["act_bytes"] > 0
@@ -36,8 +36,8 @@ def test_a_row_per_defense_with_finite_ratios(rows: list[dict]) -> None:
 
 def test_targets_are_attached_and_judged(rows: list[dict]) -> None:
     for row in rows:
-        if row["kind"] == "network" and row["name"] in TARGETS:
-            time_target, mem_target = TARGETS[row["name"]]
+        if row["kind"] == "network" and row["name"] in targets():
+            time_target, mem_target = targets()[row["name"]]
             assert row["time_target"] == time_target and row["mem_target"] == mem_target
             assert row["time_ok"] == (row["time_ratio"] <= time_target)
         else:
@@ -46,17 +46,17 @@ def test_targets_are_attached_and_judged(rows: list[dict]) -> None:
 
 def test_layer_rows_compare_naive_and_lean(rows: list[dict]) -> None:
     layers = {r["name"]: r for r in rows if r["kind"] == "layer"}
-    assert set(layers) == {"conv2d", "topkconv lean", "topkconv naive", "relu", "kaf lean", "kaf naive"}
+    assert set(layers) == {"conv2d", "TopKConv2d lean", "TopKConv2d naive", "relu", "KernelActivation lean", "KernelActivation naive"}
     # The naive forms keep (N, C_out, C_in, H, W) resp. (N, C, H, W, D) for backward.
-    assert layers["topkconv naive"]["act_bytes"] > 5 * layers["topkconv lean"]["act_bytes"]
-    assert layers["kaf naive"]["act_bytes"] > 5 * layers["kaf lean"]["act_bytes"]
+    assert layers["TopKConv2d naive"]["act_bytes"] > 5 * layers["TopKConv2d lean"]["act_bytes"]
+    assert layers["KernelActivation naive"]["act_bytes"] > 5 * layers["KernelActivation lean"]["act_bytes"]
 
 
 def test_format_table(rows: list[dict]) -> None:
     table = format_table(rows)
     lines = table.splitlines()
     assert lines[0].startswith("| kind | row |")
-    assert len([ln for ln in lines if ln.startswith("| network")]) == len(NETWORK_ROWS)
+    assert len([ln for ln in lines if ln.startswith("| network")]) == len(network_rows())
     assert "pass" in table or "FAIL" in table
     assert "saved for backward" in table
 

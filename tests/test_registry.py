@@ -47,7 +47,7 @@ def test_builtins_map_to_public_classes() -> None:
         "noise": defenses.ActivationNoise,
     }
     for name, cls in expected.items():
-        assert _registry._REGISTRY[name] is cls
+        assert _registry._REGISTRY[name].layer is cls
 
 
 def test_duplicate_name_rejected(clean_registry: None) -> None:
@@ -56,7 +56,7 @@ def test_duplicate_name_rejected(clean_registry: None) -> None:
     register_defense("scale", _Scale)
     with pytest.raises(ValueError, match="'scale' is already registered"):
         register_defense("scale", _Scale)
-    assert _registry._REGISTRY["kap"] is defenses.KernelAveragePool
+    assert _registry._REGISTRY["kap"].layer is defenses.KernelAveragePool
 
 
 @pytest.mark.parametrize("bad", ["", None, 3])

@@ -14,7 +14,7 @@ from search_spaces import NON_CONSTRUCTOR_PARAMS, SPACES
 @pytest.mark.parametrize("name", sorted(SPACES))
 def test_space_params_are_constructor_keywords_or_declared_placement(name: str) -> None:
     space = SPACES[name]
-    keywords = set(inspect.signature(_REGISTRY[name].__init__).parameters) - {"self"}
+    keywords = set(inspect.signature(_REGISTRY[name].layer.__init__).parameters) - {"self"}
     extra = set(NON_CONSTRUCTOR_PARAMS[name])
     for param in space.param_names:
         assert param in keywords or param in extra, f"{name}.{param} is neither a constructor keyword nor declared"

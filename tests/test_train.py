@@ -25,7 +25,8 @@ from study.recipes import (
     pgd_step_size,
     trades_objective,
 )
-from study.train import EpochReport, KWTAAnnealing, fit, lr_factor
+from defenses import KWTAAnnealing
+from study.train import EpochReport, fit, lr_factor
 
 CPU = torch.device("cpu")
 ADVERSARIAL = ("fast_at", "pgd_at", "trades", "mart")
