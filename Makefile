@@ -25,6 +25,10 @@ demo: $(STAMP)
 	$(VENV)/bin/robust-study demo
 
 test: $(STAMP)
+	# Lint (ruff, the whole repository) and type-check (mypy: defenses/ and search_spaces/, the
+	# layers and spaces third parties build on) before the tests: both take seconds.
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -30,7 +30,7 @@ from defenses.cas import (
 )
 from defenses.kaf import KernelActivation, kaf_naive
 from defenses.kap import KernelAveragePool, kap_width_factor
-from defenses.kwta import KWTAAnnealing, KWinnersTakeAll, annealed_gamma, set_gamma
+from defenses.kwta import KWinnersTakeAll, KWTAAnnealing, annealed_gamma, set_gamma
 from defenses.noise import ActivationNoise, noise_disabled, set_noise_at_eval
 from defenses.topk import DynamicKLinear, TopKConv2d, dynamic_k_linear_naive, topk_conv2d_naive
 

@@ -57,7 +57,7 @@ def pick(params: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
 
 def nonneg_float(params: Mapping[str, Any], key: str, default: float) -> float:
     value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
         raise ValueError(f"{key}={value!r} must be a number >= 0")
     return float(value)
 

@@ -86,6 +86,8 @@ class Normalize(nn.Module):
             raise ValueError(f"mean={mean!r} must be finite")
         if not bool((std_t > 0).all()) or not bool(torch.isfinite(std_t).all()):
             raise ValueError(f"std={std!r} must be finite and > 0")
+        self.mean: Tensor
+        self.std: Tensor
         self.register_buffer("mean", mean_t.reshape(1, n))
         self.register_buffer("std", std_t.reshape(1, n))
 

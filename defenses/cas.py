@@ -205,7 +205,7 @@ def cas_aux_loss(model: nn.Module, labels: Tensor) -> Tensor:
     logits = cas_aux_logits(model)
     if not logits:
         return torch.zeros((), device=labels.device)
-    total = None
+    total: Tensor | None = None
     for aux in logits:
         if aux.shape[0] != labels.shape[0]:
             raise ValueError(
@@ -214,7 +214,8 @@ def cas_aux_loss(model: nn.Module, labels: Tensor) -> Tensor:
             )
         loss = F.cross_entropy(aux, labels.to(aux.device))
         total = loss if total is None else total + loss
-    return total / len(logits)  # type: ignore[operator]
+    assert total is not None  # logits is not empty
+    return total / len(logits)
 
 
 # --------------------------------------------------------------------------- registration

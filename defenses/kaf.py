@@ -178,10 +178,13 @@ class _KafFunction(torch.autograd.Function):
         m = math.prod(x.shape[2:])
         xv = x.reshape(n, c, m)
         g = grad_out.reshape(n, c, m)
-        grad_x = torch.empty_like(xv) if need_x else None
-        grad_alpha = torch.zeros_like(alpha) if need_alpha else None
-        grad_dict = torch.zeros_like(alpha) if need_dict else None  # per channel, summed at the end
-        grad_gamma = torch.zeros_like(alpha) if need_gamma else None
+        # Unneeded gradients get an empty placeholder (one type for the checker, no memory) and
+        # are returned as None.
+        none = xv.new_empty(0)
+        grad_x = torch.empty_like(xv) if need_x else none
+        grad_alpha = torch.zeros_like(alpha) if need_alpha else none
+        grad_dict = torch.zeros_like(alpha) if need_dict else none  # per channel, summed at the end
+        grad_gamma = torch.zeros_like(alpha) if need_gamma else none
         # sum_i alpha_i g_i (x - d_i) = x * [alpha @ g] - [(alpha * d) @ g]: one product with two
         # rows instead of an extra pass forming g_i * (x - d_i) over the whole block.
         a2 = torch.stack((alpha, alpha * dictionary), dim=-2)  # (C, 2, D)
@@ -216,7 +219,8 @@ class _KafFunction(torch.autograd.Function):
             grad_dict = (2.0 * gamma) * (alpha * grad_dict).sum(0)
         if need_gamma:
             grad_gamma = -(alpha * grad_gamma).sum()
-        return grad_x, grad_alpha, grad_dict, grad_gamma
+        return (grad_x if need_x else None, grad_alpha if need_alpha else None,
+                grad_dict if need_dict else None, grad_gamma if need_gamma else None)
 
 
 def kaf_lean(x: Tensor, alpha: Tensor, dictionary: Tensor, gamma: Tensor) -> Tensor:

@@ -76,7 +76,7 @@ def _is_int(value: object) -> bool:
 def _check_positive(name: str, value: object) -> int:
     if not _is_int(value) or value < 1:  # type: ignore[operator]
         raise ValueError(f"{name}={value!r} must be an int >= 1")
-    return int(value)  # type: ignore[arg-type]
+    return int(cast(int, value))
 
 
 def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
@@ -95,7 +95,7 @@ def _check_criterion(criterion: object) -> str:
 def _check_k(k: object, limit: int, what: str) -> int:
     if not _is_int(k) or not 1 <= k <= limit:  # type: ignore[operator]
         raise ValueError(f"k={k!r} must be in [1, {what}={limit}]")
-    return int(k)  # type: ignore[arg-type]
+    return int(cast(int, k))
 
 
 def _chunk_budget(chunk_bytes: int | None, device: torch.device, backward: bool = False) -> int:

@@ -635,7 +635,7 @@ class DefenseSpace:
             ) from None
 
     def _narrow(self, p: Param, override: Any) -> tuple[Param, Any]:
-        relations = {"when": p.when}
+        relations: dict[str, Any] = {"when": p.when}
         if not isinstance(p, Categorical):
             relations["at_most"] = p.at_most
         if not isinstance(override, _PARAM_TYPES):
@@ -655,6 +655,7 @@ class DefenseSpace:
             for c in override.choices:
                 p.validate(c)
         else:
+            assert isinstance(override, (Float, Int)) and isinstance(p, (Float, Int))  # same type as p
             # Both ends on the original grid keep every narrowed value valid for the original.
             p.validate(override.low)
             p.validate(override.high)

@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchattacks
-from torchattacks.attack import Attack
 from torch import Tensor, nn
+from torchattacks.attack import Attack
 
 from study.config import AttackConfig
 

@@ -282,9 +282,10 @@ def _prepare_tracking(uri: str) -> list[Path]:
     # What the artifacts need at the study's end (matplotlib, the plots and export code: ~0.8 s
     # of the end's 1.8 s before) is imported here too, while Ray still starts; before the store
     # is created, so that a failing import leaves nothing on disk.
+    from matplotlib.figure import Figure  # noqa: F401
+
     import study.artifacts  # noqa: F401
     import study.plots  # noqa: F401
-    from matplotlib.figure import Figure  # noqa: F401
 
     return open_store(uri)
 

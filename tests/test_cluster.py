@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from _netns import RAY, VENV_BIN, TwoHostCluster, unavailable_reason
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

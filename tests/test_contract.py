@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from defenses import Example, cas_aux_loss, cas_labels, get_defense, list_defenses
 
-
 # Every registered defense declares a tiny example of itself (``register_defense(example=...)``),
 # so a new defense, a plug-in included, is covered here without editing this file.
 Case = Example

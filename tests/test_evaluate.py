@@ -31,7 +31,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: floa
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,))
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -294,7 +294,6 @@ def test_cas_model_gets_the_adaptive_attack(data):
 
 def test_cas_adaptive_loss_is_ce_plus_beta_aux(data):
     from defenses.cas import cas_aux_logits
-
     from study.attacks import CASAdaptivePGD
 
     _, _, xte, yte = data

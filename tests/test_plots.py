@@ -276,7 +276,7 @@ def test_timeline_lanes_never_put_overlapping_trials_in_one_lane():
     lanes = plots.timeline_lanes(recs)
     assert [(lane, r["number"]) for lane, r in lanes] == [(0, 0), (1, 1), (1, 2), (0, 3)]  # #4 has no times
     for lane in {lane for lane, _ in lanes}:
-        spans = sorted((r["started_at"], r["ended_at"]) for l, r in lanes if l == lane)
+        spans = sorted((r["started_at"], r["ended_at"]) for other, r in lanes if other == lane)
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     # Three trials at once need three lanes.
     assert max(lane for lane, _ in plots.timeline_lanes([_timed(i, 0.0, 5.0) for i in range(3)])) == 2

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from defenses import KWTAAnnealing
 from defenses.build import build_model
 from defenses.cas import cas_aux_loss, cas_labels
 from defenses.kwta import KWinnersTakeAll
@@ -25,7 +26,6 @@ from study.recipes import (
     pgd_step_size,
     trades_objective,
 )
-from defenses import KWTAAnnealing
 from study.train import EpochReport, fit, lr_factor
 
 CPU = torch.device("cpu")

@@ -142,8 +142,8 @@ def test_save_and_load_model_round_trip(tmp_path: Path) -> None:
     model = load_model(tmp_path)
     assert not model.training
     x = torch.rand(5, 1, 8, 8)
-    from study.trial import make_model
     from study.data import dataset_info
+    from study.trial import make_model
 
     reference = make_model(config, dataset_info(config.data))
     reference.load_state_dict(result.model_state)
