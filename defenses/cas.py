@@ -220,6 +220,8 @@ def cas_aux_loss(model: nn.Module, labels: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- registration
 
+CAS_BETA = 2.0
+"""Weight of the auxiliary loss when a config gives none (Bai et al.'s default under AT)."""
 CAS_PLACEMENTS: dict[str, int] = {"last": 1, "last2": 2, "last3": 3}
 CAS_PLACEMENT = "last2"  # Bai et al.: both blocks of ResNet-18's layer4 works best
 

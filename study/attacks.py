@@ -40,6 +40,7 @@ import torchattacks
 from torch import Tensor, nn
 from torchattacks.attack import Attack
 
+from defenses.cas import CAS_BETA
 from study.config import AttackConfig
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,6 @@ CW_KAPPA = 50.0
 DEEPFOOL_STEPS = 50
 DEEPFOOL_OVERSHOOT = 0.02
 SQUARE_P_INIT = 0.8
-CAS_BETA = 2.0
-"""CAS auxiliary-loss weight when defense_params has no ``beta`` (Bai et al.'s default)."""
 
 
 # --------------------------------------------------------------------------- context / outcome

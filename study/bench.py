@@ -48,6 +48,7 @@ from defenses import (
     kaf_naive,
     topk_conv2d_naive,
 )
+from defenses.cas import CAS_BETA
 
 __all__ = ["bench_layers", "format_table", "network_rows", "targets"]
 
@@ -81,7 +82,6 @@ def targets() -> dict[str, tuple[float | None, float | None]]:
     return {entry.name: entry.cost_budget for entry in iter_defenses() if entry.cost_budget}
 
 
-CAS_BETA = 2.0  # Bai et al.'s default weight of the auxiliary loss under adversarial training
 
 
 def _sync(device: torch.device) -> None:

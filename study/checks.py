@@ -31,6 +31,7 @@ from study.attacks import (
     run_attack,
 )
 from study.config import AttackConfig, EvalConfig
+from study.records import is_trusted
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,8 @@ class Flag:
 
 
 def trusted(flags: Sequence[Flag | dict[str, Any]]) -> bool:
-    """All gate flags passed."""
-    for flag in flags:
-        f = flag if isinstance(flag, dict) else flag.as_dict()
-        if f["gate"] and not f["passed"]:
-            return False
-    return True
+    """All gate flags passed (``study.records.is_trusted`` on the flags' dicts)."""
+    return is_trusted(f if isinstance(f, dict) else f.as_dict() for f in flags)
 
 
 # --------------------------------------------------------------------------- pure checks

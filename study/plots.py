@@ -7,13 +7,8 @@ highlighted non-dominated trials. The front is always computed by :mod:`study.pa
 place that defines it), through :func:`front_indices`, so a plot can never disagree with the
 front the study reports.
 
-Records are plain dicts (what the runner collects from each trial)::
-
-    {"trial_id": str, "number": int, "defense": str, "params": dict,
-     "clean_accuracy": float, "robust_accuracy": float,   # fractions in [0, 1]
-     "trusted": bool, "status": "completed" | "diverged" | "failed" | "stopped",
-     "flags_failed": list[str],
-     "final": {"clean_accuracy": float, "robust_accuracy": float, "trusted": bool}}  # optional
+Records are :class:`study.records.TrialRecord` dicts (what the runner collects from each trial;
+accuracies are fractions in [0, 1], ``final`` holds the strong re-evaluation when there is one).
 
 "Search cheap, verify strong": the final numbers come from the strong re-evaluation of the front
 (Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse

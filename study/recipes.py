@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from defenses.cas import cas_aux_loss, cas_labels, cas_modules
+from defenses.cas import CAS_BETA, cas_aux_loss, cas_labels, cas_modules
 from study.config import TrainingConfig
 
 __all__ = [
@@ -79,7 +79,7 @@ class StepContext:
         beta = ``cfg.cas_beta`` if set, else ``defense_params["beta"]``, else the paper's 2.
         """
         params = defense_params or {}
-        beta = cfg.cas_beta if cfg.cas_beta is not None else float(params.get("beta", 2.0))
+        beta = cfg.cas_beta if cfg.cas_beta is not None else float(params.get("beta", CAS_BETA))
         return cls(model=model, cfg=cfg, cas_beta=beta, cas=bool(cas_modules(model)))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from study.config import ConfigError
+from study.records import TrialRecord, failed_gates
 from study.spec import StudySpec, trial_config_for
 
 log = logging.getLogger(__name__)
@@ -418,16 +419,16 @@ def run_study(
     return StudyOutcome(study_dir, records, front, final_front, time.perf_counter() - start, parent_id, uri)
 
 
-def collect_records(spec: StudySpec, grid: Any) -> list[dict[str, Any]]:
-    """One plain record per trial from Tune's results (the source for fronts, tables, export)."""
-    records = []
+def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
+    """One record per trial from Tune's results (the source for fronts, tables, export)."""
+    records: list[TrialRecord] = []
     for number, result in enumerate(sorted(grid, key=lambda r: r.path or "")):
         metrics = result.metrics or {}
         params = {k: v for k, v in (result.config or {}).items()}
         final = bool(metrics.get("final"))
         status = metrics.get("status") if final else ("failed" if result.error else "stopped")
         flags = json.loads(metrics.get("flags_json", "[]")) if final else []
-        record = {
+        record: TrialRecord = {
             "trial_id": metrics.get("trial_id") or Path(result.path or "").name,
             "number": number,
             "defense": params.get("defense", "none"),
@@ -435,7 +436,7 @@ def collect_records(spec: StudySpec, grid: Any) -> list[dict[str, Any]]:
             "status": status,
             "reason": metrics.get("reason") or (str(result.error).strip().splitlines()[-1] if result.error else ""),
             "trusted": bool(metrics.get("trusted")) if final else False,
-            "flags_failed": [f["id"] for f in flags if f.get("gate") and not f.get("passed")],
+            "flags_failed": failed_gates(flags),
             "checkpoint": result.checkpoint.path if (final and result.checkpoint) else None,
             "node_ip": metrics.get("node_ip"),
             "resumed_from_epoch": metrics.get("resumed_from_epoch", 0),
@@ -447,7 +448,7 @@ def collect_records(spec: StudySpec, grid: Any) -> list[dict[str, Any]]:
             "report_seconds": metrics.get("report_seconds") if final else None,
         }
         for objective in ("clean_accuracy", "robust_accuracy", "train_seconds", "eval_seconds", "num_parameters"):
-            record[objective] = float(metrics.get(objective, 0.0)) if final else None
+            record[objective] = float(metrics.get(objective, 0.0)) if final else None  # type: ignore[literal-required]
         records.append(record)
     records.sort(key=lambda r: (r["finished_at"] or 0, r["trial_id"]))
     for number, record in enumerate(records):

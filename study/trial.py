@@ -21,6 +21,7 @@ from defenses import build_model
 from study.config import ConfigError, TrialConfig, dump_trial_config, load_trial_config
 from study.data import DataBundle, eval_tensors, load_data
 from study.evaluate import evaluate
+from study.records import failed_gates
 from study.train import EpochReport, fit
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class TrialResult:
         return {name: getattr(self, name) for name in OBJECTIVES}
 
     def failed_gates(self) -> list[str]:
-        return [f["id"] for f in self.flags if f.get("gate") and not f.get("passed")]
+        return failed_gates(self.flags)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -92,6 +93,18 @@ def make_model(config: TrialConfig, bundle_info: Any) -> torch.nn.Module:
     )
 
 
+def runtime_defense_params(config: TrialConfig) -> dict[str, Any]:
+    """The defense parameters the trial runs with, resolved once for training and evaluation.
+
+    ``training.cas_beta``, when set, overrides the defense's ``beta``: the same value then
+    weights the auxiliary loss in training and the adaptive attack's joint loss in evaluation.
+    """
+    params = dict(config.model.defense_params)
+    if config.training.cas_beta is not None:
+        params["beta"] = config.training.cas_beta
+    return params
+
+
 def run_trial(
     config: TrialConfig,
     *,
@@ -117,13 +130,14 @@ def run_trial(
     torch.manual_seed(config.seed)
     model = make_model(config, bundle.info).to(device)
     num_parameters = sum(p.numel() for p in model.parameters())
+    defense_params = runtime_defense_params(config)
 
     fit_result = fit(
         model,
         bundle,
         config.training,
         defense=config.model.defense,
-        defense_params=dict(config.model.defense_params),
+        defense_params=defense_params,
         device=device,
         seed=config.seed,
         on_epoch=on_epoch,
@@ -156,7 +170,7 @@ def run_trial(
         config.eval,
         num_classes=bundle.info.num_classes,
         defense=config.model.defense,
-        defense_params=dict(config.model.defense_params),
+        defense_params=defense_params,
         recipe=config.training.recipe,
         seed=config.seed,
     )

@@ -21,7 +21,8 @@ def reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") -
     from study.config import EvalConfig, load_trial_config
     from study.data import eval_tensors, load_data
     from study.evaluate import evaluate
-    from study.trial import load_model
+    from study.records import failed_gates
+    from study.trial import load_model, runtime_defense_params
 
     config = load_trial_config(f"{trial_dir}/config.yaml")
     eval_cfg = EvalConfig.model_validate(eval_data)
@@ -35,7 +36,7 @@ def reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") -
         eval_cfg,
         num_classes=bundle.info.num_classes,
         defense=config.model.defense,
-        defense_params=dict(config.model.defense_params),
+        defense_params=runtime_defense_params(config),
         recipe=config.training.recipe,
         seed=config.seed,
     )
@@ -43,7 +44,7 @@ def reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") -
         "clean_accuracy": result.clean_accuracy,
         "robust_accuracy": result.robust_accuracy,
         "trusted": result.trusted,
-        "flags_failed": [f["id"] for f in result.flags if f.get("gate") and not f.get("passed")],
+        "flags_failed": failed_gates(result.flags),
         "attacks": result.attacks,
         "seconds": result.seconds,
     }
