@@ -121,23 +121,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     # Benchmarks run for minutes: show their progress lines, not every trial's integrity warnings
     # (the trials they run are measured, not judged).
-    for name in ("study.bench", "study.bench_overhead", "study.bench_search", "study.bench_eval", "study.bench_load"):
+    for name in ("study.bench.layers", "study.bench.overhead", "study.bench.search", "study.bench.evaluation", "study.bench.load"):
         logging.getLogger(name).setLevel(logging.INFO)
     if args.what != "defenses":
         logging.getLogger("study.checks").setLevel(logging.ERROR)
     if args.what == "defenses":
-        from study.defense_table import defense_rows
+        from study.bench.defenses import defense_rows
 
         defense_rows(n_samples=args.n, epochs=args.epochs)
         return EXIT_OK
     if args.what == "overhead":
-        from study.bench_overhead import bench_overhead, format_overhead
+        from study.bench.overhead import bench_overhead, format_overhead
 
         print(format_overhead(bench_overhead(num_trials=args.trials or 16, concurrency=args.concurrency,
                                              epochs=args.epochs or 3)))
         return EXIT_OK
     if args.what == "load":
-        from study.bench_load import bench_load, format_load
+        from study.bench.load import bench_load, format_load
 
         storage = Path(args.storage or "results")
         if (storage / "bench_load").exists():
@@ -145,16 +145,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_load(bench_load(num_trials=args.trials or 100, concurrency=args.concurrency, storage=storage)))
         return EXIT_OK
     if args.what == "search":
-        from study.bench_search import bench_search, format_search
+        from study.bench.search import bench_search, format_search
 
         print(format_search(bench_search(seeds=args.seeds, max_trials=args.trials or 64, epochs=args.epochs or 2)))
         return EXIT_OK
     if args.what == "evaluation":
-        from study.bench_eval import bench_evaluation, format_evaluation
+        from study.bench.evaluation import bench_evaluation, format_evaluation
 
         print(format_evaluation(bench_evaluation(args.study, args.storage or "results")))
         return EXIT_OK
-    from study.bench import bench_layers, format_table
+    from study.bench.layers import bench_layers, format_table
 
     rows = bench_layers(batch=args.batch, device=args.device, repeats=args.repeats)
     print(format_table(rows))

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from study.errors import ConfigError  # re-exported: `from study.config import ConfigError` keeps working
+
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder")
 BACKBONES = ("small_cnn", "resnet18", "resnet20", "vgg16")
 RECIPES = ("standard", "noise", "fast_at", "pgd_at", "trades", "mart")
@@ -29,10 +31,6 @@ ATTACKS = (
     "eot_pgd",
     "cas_adaptive",
 )
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; its message is one line."""
 
 
 class _Strict(BaseModel):

@@ -34,14 +34,17 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from study.config import ConfigError, DataConfig
+from study.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: data sits below the config in the import graph
+    from study.config import DataConfig
 
 log = logging.getLogger(__name__)
 

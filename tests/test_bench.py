@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from study.bench import bench_layers, format_table, network_rows, targets
+from study.bench.layers import bench_layers, format_table, network_rows, targets
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from study.bench_overhead import bench_overhead, format_overhead, overhead_spec, sample_params
-from study.bench_search import bench_search, format_search, search_spec
+from study.bench.overhead import bench_overhead, format_overhead, overhead_spec, sample_params
+from study.bench.search import bench_search, format_search, search_spec
 
 
 def test_overhead_configs_are_fixed_valid_and_seeded(tmp_path: Path) -> None:

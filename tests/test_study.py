@@ -83,7 +83,7 @@ def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> 
 
     # The evaluation-cost benchmark on this study: every completed trial attacked with the strong
     # suite; the verification it compares against is the one this study ran.
-    from study.bench_eval import bench_evaluation, format_evaluation
+    from study.bench.evaluation import bench_evaluation, format_evaluation
 
     cost = bench_evaluation("tiny", tmp_path / "results", workers=1)
     assert cost["trials"] == len(completed)
