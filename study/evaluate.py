@@ -50,6 +50,7 @@ from study.attacks import (
 )
 from study.checks import check_invariants, check_stochastic, probe_stochastic, run_checks, trusted
 from study.config import AttackConfig, EvalConfig
+from study.outcome import failed_gates
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class EvalResult:
 
     def failed_gates(self) -> list[str]:
         """Ids of the gate flags that failed."""
-        return [f["id"] for f in self.flags if f["gate"] and not f["passed"]]
+        return failed_gates(self.flags)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,6 +20,7 @@ from defenses import build_model
 from study.config import ConfigError, TrialConfig, dump_trial_config, load_trial_config
 from study.data import DataBundle, eval_tensors, load_data
 from study.evaluate import evaluate
+from study.outcome import failed_gates
 from study.train import EpochReport, fit
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class TrialResult:
         return {name: getattr(self, name) for name in OBJECTIVES}
 
     def failed_gates(self) -> list[str]:
-        return [f["id"] for f in self.flags if f.get("gate") and not f.get("passed")]
+        return failed_gates(self.flags)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

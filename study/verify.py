@@ -43,7 +43,7 @@ def reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") -
         "clean_accuracy": result.clean_accuracy,
         "robust_accuracy": result.robust_accuracy,
         "trusted": result.trusted,
-        "flags_failed": [f["id"] for f in result.flags if f.get("gate") and not f.get("passed")],
+        "flags_failed": result.failed_gates(),
         "attacks": result.attacks,
         "seconds": result.seconds,
     }
