@@ -1,5 +1,6 @@
 """The trial record: the one schema trials.json, MLflow, the fronts, the plots and the export read.
 
+Torch-free on purpose: the Tune driver reads outcomes from reported metrics while trials run.
 A record is a plain JSON-able dict (it is written to trials.json and read back by ``resume``,
 ``pareto``, ``export`` and ``sync``), typed here so its fields live in code rather than in a
 docstring. Facts derived from a trial's flags are computed by :func:`failed_gates` and
@@ -8,10 +9,11 @@ docstring. Facts derived from a trial's flags are computed by :func:`failed_gate
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypedDict
 
-__all__ = ["FinalNumbers", "TrialRecord", "failed_gates", "is_trusted"]
+__all__ = ["FinalNumbers", "TrialRecord", "failed_gates", "is_trusted", "trial_outcome"]
 
 Status = Literal["completed", "diverged", "failed", "stopped"]
 
@@ -66,3 +68,17 @@ def failed_gates(flags: Iterable[Mapping[str, Any]]) -> list[str]:
 def is_trusted(flags: Iterable[Mapping[str, Any]]) -> bool:
     """Every gate passed: the evaluation's number can stand on a front."""
     return not failed_gates(flags)
+
+
+def trial_outcome(metrics: Mapping[str, Any] | None, raised: bool) -> dict[str, Any]:
+    """``status``, ``trusted`` and ``failed_gates`` of a trial from its last reported metrics.
+
+    Named once for every place that records it (trials.json, Optuna, MLflow). Only the final
+    report (``final`` set) carries a verdict; without one the trial either raised (``failed``) or
+    was cut short by the scheduler (``stopped``), and neither is trusted.
+    """
+    if not metrics or not metrics.get("final"):
+        return {"status": "failed" if raised else "stopped", "trusted": False, "failed_gates": []}
+    flags = json.loads(metrics.get("flags_json") or "[]")
+    return {"status": metrics.get("status"), "trusted": bool(metrics.get("trusted")),
+            "failed_gates": failed_gates(flags)}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from study.config import ConfigError
-from study.records import TrialRecord, failed_gates
+from study.records import TrialRecord, trial_outcome
 from study.spec import StudySpec, trial_config_for
 
 log = logging.getLogger(__name__)
@@ -109,56 +109,6 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         save_trial(config, result, directory)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(directory))
-
-
-# --------------------------------------------------------------------------- Optuna
-
-
-def make_sampler(spec: StudySpec) -> Any:
-    import optuna
-
-    s = spec.sampler
-    if s.name == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
-                                          group=True, constant_liar=True)
-    if s.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
-    return optuna.samplers.RandomSampler(seed=s.seed)
-
-
-def make_searcher(spec: StudySpec, study_dir: Path, enqueue: list[dict[str, Any]] | None = None) -> Any:
-    """OptunaSearch over the conditional space; only final, completed results reach Optuna.
-
-    ``enqueue``: configurations to run first instead of the paper defaults (benchmarks use it to
-    run a fixed list of trials).
-    """
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class FinalResultsOptunaSearch(OptunaSearch):
-        # Ray's OptunaSearch tells Optuna a trial's *last* result. A trial stopped early, one
-        # that diverged, or one whose evaluation failed the integrity checks (e.g. gradient
-        # masking) would enter Optuna's front with numbers that are not evidence and steer the
-        # sampler towards them: tell Optuna it was pruned / failed instead.
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if result is not None and not result.get("final"):
-                result = None  # stopped early → pruned
-            elif result is not None and (result.get("status") != "completed" or not result.get("trusted")):
-                result, error = None, True  # diverged or untrusted → failed
-            super().on_trial_complete(trial_id, result=result, error=error)
-
-    space = spec.conditional_space()
-    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}")
-    searcher = FinalResultsOptunaSearch(
-        space=space.suggest,
-        metric=list(spec.objectives),
-        mode=list(spec.directions),
-        points_to_evaluate=(space.paper_default_configs() if enqueue is None else enqueue)[: spec.num_trials],
-        sampler=make_sampler(spec),
-        study_name=spec.name,
-        storage=storage,
-    )
-    return searcher
 
 
 # --------------------------------------------------------------------------- Ray
@@ -330,6 +280,7 @@ def run_study(
     from ray import tune
 
     from study.progress import ProgressLine
+    from study.searcher import make_searcher
     from study.tracking import MlflowTrialLogger, StudyRun
 
     start = time.perf_counter()
@@ -426,17 +377,16 @@ def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
         metrics = result.metrics or {}
         params = {k: v for k, v in (result.config or {}).items()}
         final = bool(metrics.get("final"))
-        status = metrics.get("status") if final else ("failed" if result.error else "stopped")
-        flags = json.loads(metrics.get("flags_json", "[]")) if final else []
+        outcome = trial_outcome(metrics, raised=bool(result.error))
         record: TrialRecord = {
             "trial_id": metrics.get("trial_id") or Path(result.path or "").name,
             "number": number,
             "defense": params.get("defense", "none"),
             "params": params,
-            "status": status,
+            "status": outcome["status"],
             "reason": metrics.get("reason") or (str(result.error).strip().splitlines()[-1] if result.error else ""),
-            "trusted": bool(metrics.get("trusted")) if final else False,
-            "flags_failed": failed_gates(flags),
+            "trusted": outcome["trusted"],
+            "flags_failed": outcome["failed_gates"],
             "checkpoint": result.checkpoint.path if (final and result.checkpoint) else None,
             "node_ip": metrics.get("node_ip"),
             "resumed_from_epoch": metrics.get("resumed_from_epoch", 0),
@@ -477,6 +427,7 @@ def front_records(records: list[dict[str, Any]], objectives: list[str], directio
 def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any) -> tuple[list, list]:
     """Verify the front with the strong attacks, recompute it, write and log the artifacts."""
     from study.artifacts import write_study_artifacts
+    from study.searcher import close_orphaned_optuna_trials
     from study.verify import verify_front
 
     close_orphaned_optuna_trials(spec)
@@ -499,30 +450,6 @@ def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any)
     )
     study_run.finish()
     return front, final_front
-
-
-def close_orphaned_optuna_trials(spec: StudySpec) -> int:
-    """Mark Optuna trials still RUNNING after the search as failed; return how many.
-
-    Every trial Tune knows about has been told to Optuna by the time the search returns. One
-    still RUNNING was asked for by a driver that was killed before Tune's next snapshot: the
-    resumed study never saw it and ran a new trial in its place (MLflow tags the orphan's run
-    superseded). Left RUNNING it would look like a trial in progress forever and the sampler
-    would keep treating its point as pending.
-    """
-    import optuna
-
-    try:
-        study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{spec.study_dir() / 'optuna.db'}")
-    except KeyError:  # no Optuna study (nothing was ever proposed)
-        return 0
-    orphans = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for trial in orphans:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    if orphans:
-        log.warning("%d Optuna trial(s) orphaned by an interrupted driver marked failed: %s",
-                    len(orphans), [t.number for t in orphans])
-    return len(orphans)
 
 
 def _set_status(state_file: Path, status: str) -> None:
