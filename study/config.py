@@ -251,6 +251,8 @@ def _format_error(err: ValidationError) -> str:
     msg = " ".join(first["msg"].split())
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
+    if first["type"] == "missing":  # the input shown would be the whole enclosing mapping
+        return f"{loc}: required"
     if first["type"] == "literal_error":
         return f"{loc}: {show(first.get('input'))} is not allowed; {msg.removeprefix('Input should be ')}"
     msg = msg.removeprefix("Value error, ")

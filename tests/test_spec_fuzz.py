@@ -91,7 +91,9 @@ def mutated(draw: st.DrawFn) -> Any:
                 break  # an earlier change replaced this branch
         else:
             last = path[-1]
-            if not isinstance(parent, (dict, list)) or (isinstance(parent, list) and last >= len(parent)):
+            if not isinstance(parent, (dict, list)) or (
+                isinstance(parent, list) and not (isinstance(last, int) and last < len(parent))
+            ):
                 continue
             action = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
             if action == "replace":
