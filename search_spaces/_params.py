@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
@@ -67,6 +68,26 @@ class TrialLike(Protocol):
 def _is_real(value: object) -> bool:
     # bool is an int subclass, but True is never a meaningful learning rate.
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_finite_real(value: object) -> bool:
+    if not _is_real(value):
+        return False
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int beyond float range (10**400): not a usable bound or value
+        return False
+
+
+# Values in error messages come from user input: bounded, so a huge or deeply nested value
+# (a YAML alias bomb) still makes one short line.
+_SHOW = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 60, 60, 40
+_SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict, _SHOW.maxlevel = 6, 6, 4, 2
+
+
+def _show(value: object) -> str:
+    return _SHOW.repr(value)
 
 
 def _is_integer(value: object) -> bool:
@@ -141,8 +162,8 @@ class Float:
     def __post_init__(self) -> None:
         _check_name("parameter", self.name)
         for label, bound in (("low", self.low), ("high", self.high)):
-            if not _is_real(bound) or not math.isfinite(bound):
-                raise ValueError(f"{self.name}: {label}={bound!r} must be a finite real number")
+            if not _is_finite_real(bound):
+                raise ValueError(f"{self.name}: {label}={_show(bound)} must be a finite real number")
         if self.low > self.high:
             raise ValueError(f"{self.name}: low={self.low!r} must be <= high={self.high!r}")
         if not isinstance(self.log, bool):
@@ -154,7 +175,7 @@ class Float:
                 raise ValueError(
                     f"{self.name}: step={self.step!r} cannot be combined with log=True"
                 )
-            if not _is_real(self.step) or not math.isfinite(self.step) or self.step <= 0:
+            if not _is_finite_real(self.step) or self.step <= 0:
                 raise ValueError(f"{self.name}: step={self.step!r} must be a positive real number")
             if not _on_grid(self.high, self.low, self.step):
                 raise ValueError(
@@ -167,7 +188,7 @@ class Float:
 
     def contains(self, value: object) -> bool:
         """Whether ``value`` is a finite real number in range (and on the step grid)."""
-        if not _is_real(value) or not math.isfinite(value):  # type: ignore[arg-type]
+        if not _is_finite_real(value):
             return False
         if not self.low <= value <= self.high:  # type: ignore[operator]
             return False
@@ -180,7 +201,7 @@ class Float:
         if not self.contains(value):
             grid = "" if self.step is None else f" on a grid of step {self.step} from {self.low}"
             raise ValueError(
-                f"{self.name}={value!r} must be a real number in [{self.low}, {self.high}]{grid}"
+                f"{self.name}={_show(value)} must be a real number in [{self.low}, {self.high}]{grid}"
             )
 
     def suggest(
@@ -267,7 +288,7 @@ class Int:
         if not self.contains(value):
             grid = f" in steps of {self.step}" if self.step != 1 else ""
             raise ValueError(
-                f"{self.name}={value!r} must be an integer in [{self.low}, {self.high}]{grid}"
+                f"{self.name}={_show(value)} must be an integer in [{self.low}, {self.high}]{grid}"
             )
 
     def suggest(
@@ -334,7 +355,7 @@ class Categorical:
     def validate(self, value: object) -> None:
         """Raise ``ValueError`` naming the parameter, the value and the allowed choices."""
         if not self.contains(value):
-            raise ValueError(f"{self.name}={value!r} must be one of {self.choices!r}")
+            raise ValueError(f"{self.name}={_show(value)} must be one of {self.choices!r}")
 
     def suggest(self, trial: TrialLike, name: str) -> Any:
         """Ask ``trial`` for one of the choices under ``name``."""
@@ -383,7 +404,7 @@ class Fixed:
     def validate(self, value: object) -> None:
         """Raise ``ValueError`` unless ``value`` is the fixed value."""
         if not self.contains(value):
-            raise ValueError(f"{self.name}={value!r} is fixed to {self.value!r} in this space")
+            raise ValueError(f"{self.name}={_show(value)} is fixed to {self.value!r} in this space")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly description."""

@@ -8,6 +8,7 @@ allowed, so the CLI can print it and exit 2.
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +34,12 @@ ATTACKS = (
 )
 
 
+# numpy's RandomState (scikit-learn's splits, Optuna's samplers) takes seeds in 0..2**32-1.
+SEED_MAX = 2**32 - 1
+# Integers beyond 64 bits fit no field and overflow C code (torch, numpy, sockets) later.
+_INT_LIMIT = 2**63
+
+
 class _Strict(BaseModel):
     # Unknown keys are typos more often than not: reject them instead of silently ignoring.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
@@ -55,9 +62,9 @@ class DataConfig(_Strict):
     """Random crop + flip for CIFAR-like data; None = the dataset's paper default."""
     train_subset: int | None = Field(None, ge=10)
     """Use only this many training samples (quick runs); None = all."""
-    image_size: int | None = Field(None, ge=8)
+    image_size: int | None = Field(None, ge=8, le=4096)
     """ImageFolder only: resize images to this square size."""
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=256)
     """DataLoader worker processes (0 = load in the trial's process)."""
 
 
@@ -91,7 +98,7 @@ class TrainingConfig(_Strict):
     trades (Zhang et al.) | mart (Wang et al.)."""
     epochs: int = Field(15, ge=1, le=1000)
     """Training epochs."""
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=1_000_000)
     """Mini-batch size."""
     optimizer: Literal["sgd", "adam"] = "sgd"
     """Optimiser."""
@@ -111,7 +118,7 @@ class TrainingConfig(_Strict):
     """Adversarial-training epsilon (L-inf, inputs in [0,1])."""
     adv_steps: int = Field(7, ge=1, le=100)
     """PGD steps for pgd_at / trades / mart."""
-    adv_step_size: float | None = Field(None, gt=0.0)
+    adv_step_size: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     """PGD step size; None = 2.5*eps/steps (Madry); fast_at always uses 1.25*eps (Wong et al.)."""
     trades_beta: float = Field(6.0, ge=0.0, le=100.0)
     """TRADES / MART regularisation weight."""
@@ -119,7 +126,7 @@ class TrainingConfig(_Strict):
     """CAS auxiliary-loss weight; None = defense_params['beta'] or the paper's 2."""
     early_stopping: bool = True
     """pgd_at: keep the epoch with the best validation robust accuracy (Rice et al. 2020)."""
-    grad_clip: float | None = Field(None, gt=0.0)
+    grad_clip: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     """Clip the gradient norm (None = off)."""
     checkpoint_every: int = Field(1, ge=1)
     """Write a resumable checkpoint every this many epochs (when a checkpoint dir is given)."""
@@ -138,17 +145,17 @@ class AttackConfig(_Strict):
 
     name: Literal[ATTACKS]  # type: ignore[valid-type]
     """Attack name."""
-    eps: float | None = Field(None, gt=0.0)
+    eps: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     """Perturbation budget; None = the evaluation's eps (L2 attacks: see eps_l2)."""
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=100_000)
     """Iterations; None = the attack's faithful default (PGD 20, AutoAttack 100)."""
-    step_size: float | None = Field(None, gt=0.0)
+    step_size: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     """Step size; None = eps/4 for PGD (docs/evaluation.md)."""
-    restarts: int = Field(1, ge=1)
+    restarts: int = Field(1, ge=1, le=1000)
     """Random restarts."""
-    queries: int = Field(5000, ge=1)
+    queries: int = Field(5000, ge=1, le=10_000_000)
     """Square: query budget (AutoAttack standard: 5000)."""
-    eot_samples: int = Field(20, ge=1)
+    eot_samples: int = Field(20, ge=1, le=10_000)
     """EOT samples for stochastic models (AutoAttack rand: 20)."""
 
 
@@ -157,11 +164,11 @@ class EvalConfig(_Strict):
 
     eps: float = Field(0.2, gt=0.0, le=1.0)
     """L-inf budget on [0,1] inputs. Digits default 0.2: an undefended model is broken there."""
-    eps_l2: float = Field(1.0, gt=0.0)
+    eps_l2: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     """L2 budget for L2 attacks."""
     n_samples: int = Field(500, ge=1)
     """Test samples attacked (the first n of a fixed, seeded order)."""
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=1_000_000)
     """Evaluation batch size."""
     attacks: list[AttackConfig] = Field(default_factory=lambda: [AttackConfig(name="pgd")])
     """The suite; robust accuracy is the per-sample worst case over it."""
@@ -172,13 +179,28 @@ class EvalConfig(_Strict):
     check_samples: int = Field(100, ge=10)
     """Samples used by the costlier integrity checks (large-eps, unbounded, Square)."""
 
+    @field_validator("attacks")
+    @classmethod
+    def _some_attack(cls, value: list[AttackConfig]) -> list[AttackConfig]:
+        if not value:
+            raise ValueError("robust accuracy needs at least one attack")
+        return value
+
+    @field_validator("eps_curve")
+    @classmethod
+    def _curve_in_range(cls, value: list[float]) -> list[float]:
+        for eps in value:
+            if not 0.0 < eps <= 1.0:  # NaN fails too
+                raise ValueError(f"eps {eps} must be in (0, 1] (inputs are in [0, 1])")
+        return value
+
 
 class TrialConfig(_Strict):
     """Everything one trial needs; a trial is a pure function of this."""
 
     name: str = "trial"
     """Free-form label."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seeds data split, initialisation, training order and attacks."""
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda | cuda:N."""
@@ -228,16 +250,73 @@ def allowed_defenses() -> list[str]:
     return ["none", *defense_names()]
 
 
+_SHOW = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 60, 60, 40
+_SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict, _SHOW.maxlevel = 6, 6, 4, 2
+
+
+def show(value: Any) -> str:
+    """A user's value for an error message: its repr, bounded (one short line, whatever it is)."""
+    return _SHOW.repr(value)
+
+
+def _loc(parts: Any) -> str:
+    # Keys come from the user: a key with a newline or a space is shown quoted, on one line.
+    return ".".join(p if isinstance(p, str) and p.isprintable() and " " not in p else show(p) for p in map(_key, parts))
+
+
+def _key(part: Any) -> Any:
+    return str(part) if isinstance(part, int) else part
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
+    loc = _loc(first["loc"]) or "config"
+    msg = " ".join(first["msg"].split())
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
+    if first["type"] == "missing":  # the input shown would be the whole enclosing mapping
+        return f"{loc}: required"
     if first["type"] == "literal_error":
-        return f"{loc}: {first.get('input')!r} is not allowed; {msg.removeprefix('Input should be ')}"
+        return f"{loc}: {show(first.get('input'))} is not allowed; {msg.removeprefix('Input should be ')}"
     msg = msg.removeprefix("Value error, ")
-    return f"{loc}: {msg} (got {first.get('input')!r})" if "input" in first and loc != "config" else f"{loc}: {msg}"
+    return f"{loc}: {msg} (got {show(first.get('input'))})" if "input" in first and loc != "config" else f"{loc}: {msg}"
+
+
+def check_plain_data(data: Any) -> None:
+    """Refuse what YAML can hold but no field should see: text that is not UTF-8 (lone
+    surrogates from escapes), NUL characters (they end paths in C) and integers beyond 64 bits.
+
+    Iterative and visiting each container once: YAML aliases can share (or nest) one list many
+    times over, and a recursive walk or a re-visit would take forever on an alias bomb.
+    """
+    stack: list[tuple[Any, str]] = [(data, "")]
+    seen: set[int] = set()
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, (dict, list)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                where = f"{loc}.{_loc([key])}" if loc else _loc([key])
+                if isinstance(key, str):
+                    _check_text(key, where)
+                stack.append((item, where))
+        elif isinstance(value, str):
+            _check_text(value, loc or "config")
+        elif isinstance(value, int) and not isinstance(value, bool) and not -_INT_LIMIT <= value < _INT_LIMIT:
+            raise ConfigError(f"{loc or 'config'}: an integer of {len(str(abs(value)))} digits is far out of range")
+
+
+def _check_text(text: str, loc: str) -> None:
+    if "\x00" in text:
+        raise ConfigError(f"{loc}: text must not contain NUL characters (got {show(text)})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{loc}: text must be valid Unicode (got {show(text)})") from None
 
 
 def parse_trial_config(data: dict[str, Any] | None) -> TrialConfig:
@@ -246,6 +325,7 @@ def parse_trial_config(data: dict[str, Any] | None) -> TrialConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"a trial config must be a mapping, got {type(data).__name__}")
+    check_plain_data(data)
     try:
         config = TrialConfig.model_validate(data)
     except ValidationError as err:
@@ -282,11 +362,19 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        return yaml.safe_load(path.read_text())
+        # Bytes: the YAML reader checks the encoding itself (UTF-8, or UTF-16 with a BOM).
+        return yaml.safe_load(path.read_bytes())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    except yaml.reader.ReaderError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.position}: {err.reason})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(err, 'problem', err)})") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"{path}:{where} malformed YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed YAML (nested too deeply)") from None
 
 
 def load_trial_config(path: str | Path) -> TrialConfig:

@@ -212,8 +212,8 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
-    except OSError as err:
-        raise ConfigError(f"address: cannot reach Ray at {address} ({err.strerror or err})") from None
+    except (OSError, OverflowError, ValueError) as err:  # refused, unknown host, port out of range
+        raise ConfigError(f"address: cannot reach Ray at {address} ({getattr(err, 'strerror', None) or err})") from None
 
 
 def preflight(spec: StudySpec) -> None:

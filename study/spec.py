@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from study.config import (
+    SEED_MAX,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -24,7 +25,9 @@ from study.config import (
     _format_error,
     _Strict,
     check_buildable,
+    check_plain_data,
     read_yaml,
+    show,
 )
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -34,6 +37,9 @@ OBJECTIVE_DIRECTIONS = {
     "train_seconds": "min",
     "num_parameters": "min",
 }
+
+# Far beyond any study this tool runs, but small enough for Ray, Optuna and numpy to take.
+MAX_TRIALS = 1_000_000
 
 
 def searchable_defenses() -> list[str]:
@@ -64,20 +70,20 @@ class SamplerConfig(_Strict):
 
     name: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
     """tpe (multi-objective TPE, default) | nsga2 | random."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Sampler seed (a study with the same seed proposes the same first trials)."""
-    n_startup_trials: int = Field(8, ge=0)
+    n_startup_trials: int = Field(8, ge=0, le=MAX_TRIALS)
     """tpe: random trials before the model kicks in (the enqueued paper defaults count)."""
-    population_size: int = Field(8, ge=2)
+    population_size: int = Field(8, ge=2, le=MAX_TRIALS)
     """nsga2: population size."""
 
 
 class ResourcesConfig(_Strict):
     """Resources one trial reserves on the cluster."""
 
-    cpu: float = Field(1.0, gt=0)
+    cpu: float = Field(1.0, gt=0, le=1024, allow_inf_nan=False)
     """CPUs per trial."""
-    gpu: float = Field(0.0, ge=0)
+    gpu: float = Field(0.0, ge=0, le=64, allow_inf_nan=False)
     """GPUs per trial; fractions (0.25) pack several trials on one GPU."""
 
 
@@ -86,6 +92,23 @@ class MlflowConfig(_Strict):
 
     tracking_uri: str | None = None
     """None = a SQLite store beside the study's results; or http://host:port of a server."""
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri_form(cls, value: str | None) -> str | None:
+        if value is None or (value.startswith("sqlite:///") and len(value) > len("sqlite:///")):
+            return value
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in value)
+            parts.port  # noqa: B018 - raises ValueError on a port out of range or not a number
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("must be http(s)://host:port of an MLflow server or sqlite:///path")
+        return value
     experiment: str | None = None
     """Experiment name; None = the study name."""
 
@@ -95,10 +118,35 @@ class EarlyStoppingConfig(_Strict):
 
     enabled: bool = False
     """Off by default: a stopped trial's numbers are under-trained."""
-    grace_epochs: int = Field(3, ge=1)
+    grace_epochs: int = Field(3, ge=1, le=1000)
     """Epochs every trial runs before it can be stopped."""
-    reduction_factor: int = Field(3, ge=2)
+    reduction_factor: int = Field(3, ge=2, le=1000)
     """ASHA reduction factor."""
+
+
+_DEFENSE_FORMS = "a defense name (kap) or a mapping {name: kap, <parameter>: value, ...}"
+
+
+def _defense_list_to_mapping(entries: list[Any]) -> dict[str, Any]:
+    """``[kap, {name: kwta, gamma: 0.2}]`` -> ``{kap: {}, kwta: {gamma: 0.2}}``.
+
+    A mapping entry fixes those parameters (they are not searched); the ranges are checked
+    later against the defense's search space, which knows them.
+    """
+    mapping: dict[str, Any] = {}
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            name, overrides = entry, {}
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            name, overrides = entry["name"], {k: v for k, v in entry.items() if k != "name"}
+        elif isinstance(entry, dict):
+            raise ValueError(f"entry {i} has no name: key; each entry is {_DEFENSE_FORMS}")
+        else:
+            raise ValueError(f"entry {i} is {show(entry)}; each entry is {_DEFENSE_FORMS}")
+        if name in mapping:
+            raise ValueError(f"defense {name!r} is listed twice")
+        mapping[name] = overrides
+    return mapping
 
 
 class StudySpec(_Strict):
@@ -114,7 +162,8 @@ class StudySpec(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     """Backbone and width (the defense is searched: leave defense/defense_params unset)."""
     defenses: dict[str, dict[str, Any]] = Field(default_factory=lambda: {d: {} for d in default_defenses()})
-    """Defenses to search, each with fixed overrides (e.g. {kap: {dims: 1}}); a list of names is accepted."""
+    """Defenses to search: a list of names and {name: kap, dims: 1} entries (parameters given are fixed,
+    not searched), or a mapping {kap: {dims: 1}, kwta: {}}."""
     include_baseline: bool = True
     """Also try the undefended model (defense none)."""
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -132,9 +181,9 @@ class StudySpec(_Strict):
     objectives: list[str] = Field(default_factory=lambda: ["clean_accuracy", "robust_accuracy"])
     """Objectives: clean_accuracy, robust_accuracy (max) and optionally train_seconds or num_parameters (min)."""
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    num_trials: int = Field(24, ge=1)
+    num_trials: int = Field(24, ge=1, le=MAX_TRIALS)
     """Trials to run, paper defaults (enqueued first) included."""
-    concurrency: int = Field(2, ge=1)
+    concurrency: int = Field(2, ge=1, le=10_000)
     """Trials running at once."""
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     address: str | None = None
@@ -143,9 +192,9 @@ class StudySpec(_Strict):
     """Directory for results (shared storage on a cluster). Relative paths resolve against the working directory."""
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=0, le=1000)
     """Retries of a trial whose process died (from its last checkpoint)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Trial seed (data split, initialisation, attacks); the same for every trial so they compare."""
 
     @field_validator("plugins")
@@ -160,20 +209,38 @@ class StudySpec(_Strict):
 
     @field_validator("defenses", mode="before")
     @classmethod
-    def _list_to_mapping(cls, value: Any) -> Any:
+    def _entries_to_mapping(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return {name: {} for name in value}
+            return _defense_list_to_mapping(value)
+        if isinstance(value, dict):
+            # `kap:` with nothing after it is YAML's None: the defense with no fixed parameters.
+            return {name: {} if overrides is None else overrides for name, overrides in value.items()}
         return value
 
     @field_validator("defenses")
     @classmethod
     def _known_defenses(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         allowed = searchable_defenses()
-        for name, overrides in value.items():
+        for name in value:
             if name not in allowed:
-                raise ValueError(f"unknown defense {name!r}; allowed: {', '.join(allowed)}")
-            if not isinstance(overrides, dict):
-                raise ValueError(f"overrides of {name!r} must be a mapping of parameter: value")
+                raise ValueError(f"unknown defense {show(name)}; allowed: {', '.join(allowed)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _defense_is_searched(cls, value: ModelConfig) -> ModelConfig:
+        if value.defense != "none" or value.defense_params:
+            raise ValueError("the defense is searched: list it (and fixed parameters) under defenses:, not model:")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        host, _, port = value.removeprefix("ray://").removeprefix("http://").rpartition(":")
+        if not host or any(c.isspace() for c in host) or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError("must be auto, host:port or ray://host:port (port 1-65535)")
         return value
 
     @field_validator("search_training")
@@ -183,7 +250,7 @@ class StudySpec(_Strict):
 
         for name in value:
             if name not in TRAINING_SPACE.param_names:
-                raise ValueError(f"unknown training parameter {name!r}; allowed: {', '.join(TRAINING_SPACE.param_names)}")
+                raise ValueError(f"unknown training parameter {show(name)}; allowed: {', '.join(TRAINING_SPACE.param_names)}")
         return value
 
     @field_validator("objectives")
@@ -191,7 +258,7 @@ class StudySpec(_Strict):
     def _known_objectives(cls, value: list[str]) -> list[str]:
         for name in value:
             if name not in OBJECTIVE_DIRECTIONS:
-                raise ValueError(f"unknown objective {name!r}; allowed: {', '.join(OBJECTIVE_DIRECTIONS)}")
+                raise ValueError(f"unknown objective {show(name)}; allowed: {', '.join(OBJECTIVE_DIRECTIONS)}")
         if value[:2] != ["clean_accuracy", "robust_accuracy"] or len(set(value)) != len(value):
             raise ValueError("objectives must start with clean_accuracy, robust_accuracy (then optionally one cost)")
         return value
@@ -298,19 +365,32 @@ def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a study spec must be a mapping, got {type(data).__name__}")
     try:
+        check_plain_data(data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    try:
         spec = StudySpec.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"{source}: {_format_error(err)}") from None
+    from search_spaces import get_space
+
+    # Fixed parameters are checked against the defense's own space: it knows names and ranges.
+    for name, overrides in spec.defenses.items():
+        try:
+            get_space(name).restrict(overrides)
+        except ValueError as err:
+            reason = " ".join(str(err).split()).removeprefix(f"{name}: ")
+            raise ConfigError(f"{source}: defenses.{name}: {reason}") from None
     # Every defense's paper default must build (catches out-of-range fixed overrides now).
     try:
         space = spec.conditional_space()
     except ValueError as err:
-        raise ConfigError(f"{source}: defenses: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{source}: defenses: {' '.join(str(err).split())}") from None
     for point in space.paper_default_configs():
         try:
             check_buildable(trial_config_for(spec, point))
         except ValueError as err:
-            raise ConfigError(f"{source}: defenses.{point.get('defense')}: {err}") from None
+            raise ConfigError(f"{source}: defenses.{point.get('defense')}: {' '.join(str(err).split())}") from None
     return spec
 
 

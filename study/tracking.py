@@ -140,7 +140,7 @@ def check_reachable(uri: str) -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
             if response.status != 200:
                 raise ConfigError(f"mlflow.tracking_uri: {uri} answered HTTP {response.status} on /health")
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: a malformed URL
         reason = getattr(err, "reason", err)
         raise ConfigError(f"mlflow.tracking_uri: cannot reach MLflow server at {uri} ({reason})") from None
 
