@@ -1,32 +1,4 @@
-"""TopKConv and Dynamic-k layers, exact and memory-lean.
-
-Reference:
-    H. Eigen, A. Sadovnik, "TopKConv: Increased Adversarial Robustness Through Deeper
-    Interpretability", ICMLA 2021.
-
-TopKConv keeps the ordinary conv weight W (C_out, C_in, kh, kw). With the depthwise responses
-A_i^c = W[c, i] * X_i (input channel i filtered for output channel c), output channel c sums only
-the k input channels whose responses rank highest, per sample:
-
-    Y_c = sum_{i in top-k_i score(A_i^c)} A_i^c + b_c,
-
-where score is the spatial max (TKC-max, the paper's choice) or the spatial sum (TKC-sum, the active
-line of the public code). TKC-neuron is an ordinary conv that keeps, per sample, the k output
-channels with the largest spatial max. Dynamic-k dense: out_j = sum of the k largest signed products
-W_ji * x_i, plus b_j.
-
-Cost. Written naively (``topk_conv2d_naive``) TopKConv materialises and keeps for backward all
-responses, (N, C_out, C_in, H', W'): 6.6 GB for a 256->256 14x14 layer at batch 128. The lean form
-(``topk_conv2d``) computes the responses chunk by chunk without autograd, keeps only the selection
-as a bool mask of N * C_out * C_in entries, and its backward uses per-sample masked weights, again
-in chunks. Outputs and gradients equal the naive form's (the selection is constant in backward,
-as with autograd through ``topk`` indices); only the summation order differs. The top-k is exactly
-k entries: under exact ties both forms keep *a* valid top-k set, not necessarily the same one
-(ties are common after a ReLU: an all-zero input channel scores 0 for every output channel).
-
-These layers route by top-k and the paper ran no adaptive attack: treat their robustness as a
-gradient-masking candidate until an adaptive evaluation says otherwise.
-"""
+"""TopKConv: each output channel sums only its k strongest input-channel responses (lean form)."""
 
 from __future__ import annotations
 
@@ -43,104 +15,17 @@ from torch.autograd.function import once_differentiable
 from defenses._placement import check_k, default_of, resolve_k
 from defenses._registry import Example, register_defense
 from defenses.backbones import LayerSet
-
-__all__ = [
-    "TOPK_CRITERIA",
-    "DynamicKLinear",
-    "TopKConv2d",
-    "dynamic_k_linear",
-    "dynamic_k_linear_naive",
-    "topk_conv2d",
-    "topk_conv2d_mask",
-    "topk_conv2d_naive",
-]
-
-TOPK_CRITERIA: tuple[str, ...] = ("max", "sum", "neuron")
-
-# Default working-set budget of one chunk of temporaries. On CPU, small forward chunks stay in
-# cache (the responses are read three times), while backward chunks feed larger matrix products;
-# measured on a 512->512 4x4 layer at batch 128, these were the fastest. Accelerators prefer
-# fewer, larger kernels.
-_CPU_FORWARD_CHUNK_BYTES = 4 * 2**20
-_CPU_BACKWARD_CHUNK_BYTES = 16 * 2**20
-_ACCEL_CHUNK_BYTES = 64 * 2**20
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_positive(name: str, value: object) -> int:
-    if not _is_int(value) or value < 1:  # type: ignore[operator]
-        raise ValueError(f"{name}={value!r} must be an int >= 1")
-    return int(cast(int, value))
-
-
-def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
-    items = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(items) != 2 or not all(_is_int(v) and v >= minimum for v in items):
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum} or a pair of them")
-    return int(items[0]), int(items[1])
-
-
-def _check_criterion(criterion: object) -> str:
-    if criterion not in TOPK_CRITERIA:
-        raise ValueError(f"criterion={criterion!r} must be one of {list(TOPK_CRITERIA)}")
-    return criterion  # type: ignore[return-value]
-
-
-def _check_k(k: object, limit: int, what: str) -> int:
-    if not _is_int(k) or not 1 <= k <= limit:  # type: ignore[operator]
-        raise ValueError(f"k={k!r} must be in [1, {what}={limit}]")
-    return int(cast(int, k))
-
-
-def _chunk_budget(chunk_bytes: int | None, device: torch.device, backward: bool = False) -> int:
-    if chunk_bytes is not None:
-        return _check_positive("chunk_bytes", chunk_bytes)
-    if device.type != "cpu":
-        return _ACCEL_CHUNK_BYTES
-    return _CPU_BACKWARD_CHUNK_BYTES if backward else _CPU_FORWARD_CHUNK_BYTES
-
-
-def _plan(budget: int, n_samples: int, n_channels: int, bytes_per_channel: int) -> tuple[int, int]:
-    """(samples, channels) per chunk so that samples * channels * bytes_per_channel <= budget.
-
-    Whole samples first (fewer, larger batched products), then split channels when even one
-    sample's temporaries exceed the budget; never below one sample and one channel.
-    """
-    bytes_per_channel = max(1, bytes_per_channel)  # an empty batch still plans one chunk
-    per_sample = n_channels * bytes_per_channel
-    if per_sample <= budget:
-        return max(1, min(n_samples, budget // per_sample)), n_channels
-    return 1, max(1, min(n_channels, budget // bytes_per_channel))
-
-
-def _ranges(total: int, step: int) -> list[tuple[int, int]]:
-    return [(start, min(total, start + step)) for start in range(0, total, step)]
-
-
-def _conv_geometry(
-    x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int]
-) -> tuple[int, int]:
-    if weight.dim() != 4:
-        raise ValueError(f"weight shape {tuple(weight.shape)} must be (C_out, C_in, kh, kw)")
-    if x.dim() != 4 or x.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"input shape {tuple(x.shape)} must be (N, C_in={weight.shape[1]}, H, W)"
-        )
-    h_out = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-    w_out = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
-    if h_out < 1 or w_out < 1:
-        raise ValueError(
-            f"input spatial size {tuple(x.shape[2:])} is smaller than kernel "
-            f"{tuple(weight.shape[2:])} with padding {padding}"
-        )
-    return h_out, w_out
-
+from defenses.topk._common import (
+    _PAPER,
+    _check_criterion,
+    _check_k,
+    _check_positive,
+    _chunk_budget,
+    _conv_geometry,
+    _pair,
+    _plan,
+    _ranges,
+)
 
 # --------------------------------------------------------------------------- TopKConv: lean form
 
@@ -531,175 +416,10 @@ class TopKConv2d(nn.Module):
             f"bias={self.bias is not None}"
         )
 
-
-# --------------------------------------------------------------------------- Dynamic-k dense
-
-
-class _DynamicKLinearFunction(torch.autograd.Function):
-    """Lean Dynamic-k without bias; saves x, W and the top-k indices (N, out, k)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        weight: Tensor,
-        k: int,
-        chunk_bytes: int | None,
-    ) -> Tensor:
-        n_samples, in_features = x.shape
-        out_features = weight.shape[0]
-        budget = _chunk_budget(chunk_bytes, x.device)
-        _, step = _plan(budget, 1, out_features, n_samples * in_features * x.element_size())
-        out = x.new_empty((n_samples, out_features))
-        index = torch.empty((n_samples, out_features, k), dtype=torch.long, device=x.device)
-        buffer = x.new_empty(n_samples * step * in_features)
-        for j0, j1 in _ranges(out_features, step):
-            products = buffer[: n_samples * (j1 - j0) * in_features].view(
-                n_samples, j1 - j0, in_features
-            )
-            torch.mul(x.unsqueeze(1), weight[j0:j1].unsqueeze(0), out=products)
-            top = products.topk(k, dim=2, sorted=False)
-            out[:, j0:j1] = top.values.sum(dim=2)
-            index[:, j0:j1] = top.indices
-        ctx.save_for_backward(x, weight, index)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        x, weight, index = ctx.saved_tensors  # type: ignore[attr-defined]
-        need_x, need_w = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
-        n_samples, out_features, k = index.shape
-        in_features = x.shape[1]
-        grad_x = grad_w = None
-        # Only the N * out * k selected products carry gradient: gather them, scatter back.
-        if need_x:
-            w_sel = weight.unsqueeze(0).expand(n_samples, -1, -1).gather(2, index)
-            w_sel.mul_(grad_out.unsqueeze(2))
-            grad_x = torch.zeros_like(x).scatter_add_(
-                1, index.view(n_samples, out_features * k), w_sel.view(n_samples, out_features * k)
-            )
-        if need_w:
-            x_sel = x.unsqueeze(1).expand(-1, out_features, -1).gather(2, index)
-            x_sel.mul_(grad_out.unsqueeze(2))
-            rows = torch.arange(out_features, device=x.device).mul_(in_features).view(1, -1, 1)
-            grad_w = torch.zeros_like(weight).view(-1).index_add_(
-                0, (index + rows).view(-1), x_sel.view(-1)
-            ).view_as(weight)
-        return grad_x, grad_w, None, None
-
-
-def _check_linear_args(x: Tensor, weight: Tensor, k: int) -> int:
-    if weight.dim() != 2:
-        raise ValueError(f"weight shape {tuple(weight.shape)} must be (out_features, in_features)")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"input shape {tuple(x.shape)} must be (*, in_features={weight.shape[1]})"
-        )
-    return _check_k(k, weight.shape[1], "in_features")
-
-
-def dynamic_k_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, k: int, chunk_bytes: int | None = None
-) -> Tensor:
-    """Dynamic-k dense, lean form (Eigen & Sadovnik, "TopKConv...": TopKDense).
-
-    out_j = sum of the k largest signed products W_ji * x_i, plus b_j. The (N, out, in) products
-    exist one chunk at a time; backward keeps x, W and the top-k indices and touches only the
-    selected products. Same outputs and gradients as :func:`dynamic_k_linear_naive`.
-
-    Args:
-        x: input (*, in_features).
-        weight: (out_features, in_features).
-        bias: (out_features,) or None.
-        k: products kept per output, in [1, in_features].
-        chunk_bytes: budget of one chunk of products; None = device default.
-
-    Shape:
-        Output: (*, out_features).
-    """
-    k = _check_linear_args(x, weight, k)
-    if k == weight.shape[1]:
-        return F.linear(x, weight, bias)
-    flat = x.reshape(-1, weight.shape[1])
-    y = _DynamicKLinearFunction.apply(flat, weight, k, chunk_bytes)
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
-def dynamic_k_linear_naive(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> Tensor:
-    """Reference Dynamic-k: materialises all products (*, out, in) with autograd (tests only)."""
-    k = _check_linear_args(x, weight, k)
-    y = (x.unsqueeze(-2) * weight).topk(k, dim=-1).values.sum(dim=-1)
-    return y if bias is None else y + bias
-
-
-class DynamicKLinear(nn.Module):
-    """Dynamic-k dense layer (Eigen & Sadovnik, "TopKConv: Increased Adversarial Robustness
-    Through Deeper Interpretability": TopKDense).
-
-    out_j = sum over the k largest signed products W_ji * x_i, plus b_j, per sample. The paper uses
-    k = 250 of 25,088 inputs in the penultimate FC layer and k = 10 of 512 in the last. With
-    k = in_features it is exactly ``nn.Linear``.
-
-    Args:
-        in_features: >= 1.
-        out_features: >= 1.
-        k: products kept per output, in [1, in_features].
-        bias: learnable bias (out_features,).
-
-    Attributes:
-        chunk_bytes: budget for one chunk of products (None = device default).
-
-    Shape:
-        Input (*, in_features); output (*, out_features).
-
-    Examples::
-
-        >>> fc = DynamicKLinear(512, 10, k=10)
-        >>> logits = fc(torch.randn(8, 512))
-    """
-
-    def __init__(self, in_features: int, out_features: int, k: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features = _check_positive("in_features", in_features)
-        self.out_features = _check_positive("out_features", out_features)
-        self.k = _check_k(k, self.in_features, "in_features")
-        self.chunk_bytes: int | None = None
-        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
-        if bias:
-            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(self.out_features))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Initialise exactly as ``nn.Linear`` (Kaiming-uniform, a = sqrt(5))."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return dynamic_k_linear(x, self.weight, self.bias, self.k, self.chunk_bytes)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
-            f"bias={self.bias is not None}"
-        )
-
-
 # --------------------------------------------------------------------------- registration
 
-_PAPER = ("Eigen, Sadovnik: TopKConv: Increased Adversarial Robustness Through Deeper "
-          "Interpretability (ICMLA 2021)")
 TOPKCONV_K = 0.1  # Eigen & Sadovnik: k = 10% of the channels
 TOPKCONV_LAYERS = 2  # ... in the two convs before the FC layers
-DYNAMIC_K = 0.02  # Eigen & Sadovnik: k = 10 of 512 in the final FC layer
 
 
 def _place_topkconv(params: Mapping[str, Any], num_classes: int) -> LayerSet:
@@ -723,18 +443,6 @@ def _place_topkconv(params: Mapping[str, Any], num_classes: int) -> LayerSet:
     return LayerSet(last_conv=last_conv, n_last_convs=int(n_layers))
 
 
-def _place_dynamic_k(params: Mapping[str, Any], num_classes: int) -> LayerSet:
-    """Dynamic-k in every FC layer (the single classifier of small_cnn/ResNets, both of VGG)."""
-    k = params.get("k", DYNAMIC_K)
-    check_k(k, "DynamicKLinear")
-
-    def fc(fin: int, fout: int) -> nn.Module:
-        kk = resolve_k(k, fin, what="in_features", layer=f"DynamicKLinear({fin}->{fout})")
-        return DynamicKLinear(fin, fout, k=kk)
-
-    return LayerSet(linear=fc)
-
-
 register_defense(
     "topkconv", TopKConv2d, place=_place_topkconv,
     # layers = how many of the last main-path convs become TopKConv2d.
@@ -743,9 +451,4 @@ register_defense(
     paper=_PAPER,
     example=Example(lambda: TopKConv2d(in_channels=6, out_channels=5, kernel_size=3, k=2, padding=1),
                     (2, 6, 4, 4), (2, 5, 4, 4)),
-)
-register_defense(
-    "dynamic_k", DynamicKLinear, place=_place_dynamic_k, params=("k",), routing=True,
-    color="#9467bd", paper=_PAPER,
-    example=Example(lambda: DynamicKLinear(in_features=7, out_features=4, k=3), (3, 7), (3, 4)),
 )
