@@ -8,8 +8,6 @@ import reprlib
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
-from search_spaces._params.space import _check_nonempty, _with_relations
-
 # Optuna's CategoricalChoiceType: values that storages, Ray configs, MLflow and JSON all accept.
 _CHOICE_TYPES = (type(None), bool, int, float, str)
 _GRID_TOL = 1e-9
@@ -377,3 +375,18 @@ class Fixed:
 
 Param = Float | Int | Categorical | Fixed
 _PARAM_TYPES = (Float, Int, Categorical, Fixed)
+
+
+def _check_nonempty(name: str, low: float, high: float) -> None:
+    if low > high:
+        raise ValueError(
+            f"{name}: no value satisfies the bounds [{low}, {high}] imposed by related parameters"
+        )
+
+
+def _with_relations(param: Param, d: dict[str, Any]) -> dict[str, Any]:
+    if param.at_most is not None:
+        d["at_most"] = param.at_most
+    if param.when is not None:
+        d["when"] = {"param": param.when[0], "values": list(param.when[1])}
+    return d

@@ -23,19 +23,8 @@ from search_spaces._params.params import (
 Constraint = tuple[str, Callable[[Mapping[str, Any]], bool]]
 
 
-def _check_nonempty(name: str, low: float, high: float) -> None:
-    if low > high:
-        raise ValueError(
-            f"{name}: no value satisfies the bounds [{low}, {high}] imposed by related parameters"
-        )
 
 
-def _with_relations(param: Param, d: dict[str, Any]) -> dict[str, Any]:
-    if param.at_most is not None:
-        d["at_most"] = param.at_most
-    if param.when is not None:
-        d["when"] = {"param": param.when[0], "values": list(param.when[1])}
-    return d
 
 
 def _numeric_range(p: Param) -> tuple[float, float] | None:
