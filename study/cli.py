@@ -229,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from study.runner import run_study
 
     spec = _spec_with(args)
-    outcome = run_study(spec, progress=not args.quiet)
+    outcome = run_study(spec, progress=not args.quiet, address=args.address)
     _report_study(outcome, spec)
     return EXIT_OK
 
@@ -247,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = parse_spec({**spec.model_dump(mode="json"), "name": name, "storage": str(storage)}, source="demo")
     print(f"robust-study demo: {spec.num_trials} trials of {', '.join(spec.defenses)} + baseline on digits, "
           f"{spec.concurrency} at a time", flush=True)
-    outcome = run_study(spec, progress=True)
+    outcome = run_study(spec, progress=True, address=args.address)
     _report_study(outcome, spec)
     return EXIT_OK
 
@@ -261,7 +261,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError(f"resume: no study {args.name!r} under {Path(args.storage).resolve()}")
     state = json.loads(state_file.read_text())
     spec = parse_spec(state["spec"], source=str(state_file))
-    outcome = run_study(spec, resume=True, progress=not args.quiet)
+    outcome = run_study(spec, resume=True, progress=not args.quiet, address=args.address)
     _report_study(outcome, spec)
     return EXIT_OK
 
@@ -342,6 +342,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 
 
+def _address_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray to run on: host:port of a cluster's head, auto, or local (a new local "
+                   "instance); before the spec's address and RAY_ADDRESS (README: Running on a cluster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robust-study", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -378,9 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="override the results directory")
     p.add_argument("--trials", type=int, help="override the number of trials")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _address_option(p)
 
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--storage", help="results directory (default: results)")
+    _address_option(p)
 
     for command in ("resume", "pareto", "export", "sync"):
         p = sub.add_parser(command, help=COMMANDS[command][1])
@@ -388,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--storage", default="results", help="results directory (default: results)")
         if command == "resume":
             p.add_argument("--quiet", action="store_true")
+            _address_option(p)
         if command == "pareto":
             p.add_argument("--final", action="store_true", help="the front verified with the final attacks")
         if command == "export":

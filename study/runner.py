@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from study.config import ConfigError
+from study.ray_cluster import RayTarget, resolve_address, validate_target
 from study.records import TrialRecord, trial_outcome
 from study.spec import StudySpec, trial_config_for
 
@@ -136,31 +138,13 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def init_ray(spec: StudySpec) -> None:
-    import ray
+def init_ray(spec: StudySpec, target: RayTarget | None = None) -> None:
+    """Start or join Ray for ``spec`` (``target``: see study.ray_cluster; default from the spec
+    and the environment)."""
+    from study.ray_cluster import init_ray as _init
 
-    if ray.is_initialized():
-        return
-    if spec.address is None:
-        # A local instance stays on loopback (docs/architecture.md): no traffic leaves the machine. The
-        # variable reaches the processes ray.init starts (GCS, raylet bind 127.0.0.1), but Ray's
-        # Python side read it into a constant when ray was first imported (ray.tune already is):
-        # without updating that too, the node takes the machine's outward address.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(
-            num_cpus=max(int(spec.resources.cpu * spec.concurrency), os.cpu_count() or 1),
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-        return
-    try:
-        ray.init(address=spec.address, log_to_driver=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"address: cannot connect to Ray at {spec.address} ({str(err).splitlines()[0]})") from None
+    target = target or resolve_address(None, spec.address, os.environ)
+    _init(target, num_cpus=max(int(spec.resources.cpu * spec.concurrency), os.cpu_count() or 1))
 
 
 def check_cluster_resources(spec: StudySpec) -> None:
@@ -198,32 +182,16 @@ def tracking_uri_for(spec: StudySpec) -> str:
     return spec.mlflow.tracking_uri or default_tracking_uri(spec.study_dir().parent)
 
 
-def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
-    """An explicit host:port (or ray://host:port) must accept connections: fail in seconds, not
-    after Ray's minute of retries."""
-    import socket
-
-    if address is None or address == "auto":
-        return
-    target = address.removeprefix("ray://").removeprefix("http://")
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"address: {address!r} must be auto, host:port or ray://host:port")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except (OSError, OverflowError, ValueError) as err:  # refused, unknown host, port out of range
-        raise ConfigError(f"address: cannot reach Ray at {address} ({getattr(err, 'strerror', None) or err})") from None
-
-
-def preflight(spec: StudySpec) -> None:
+def preflight(spec: StudySpec, target: RayTarget | None = None) -> None:
     """Everything checkable before Ray starts: dataset present, MLflow and Ray reachable."""
     from study.data import load_data
+    from study.ray_cluster import check_reachable as check_ray
     from study.tracking import check_reachable
 
+    target = target or resolve_address(None, spec.address, os.environ)
+    check_ray(target)
     load_data(spec.data, seed=spec.seed)
     check_reachable(tracking_uri_for(spec))
-    check_ray_address(spec.address)
 
 
 def _prepare_tracking(uri: str) -> list[Path]:
@@ -241,7 +209,7 @@ def _prepare_tracking(uri: str) -> list[Path]:
     return open_store(uri)
 
 
-def start_ray_and_tracking(spec: StudySpec) -> None:
+def start_ray_and_tracking(spec: StudySpec, target: RayTarget | None = None) -> str:
     """Start Ray (and check it has the resources asked for) while, in a thread, the libraries the
     driver needs later are imported and the tracking store gets ready.
 
@@ -252,8 +220,10 @@ def start_ray_and_tracking(spec: StudySpec) -> None:
     the two (profiled: Ray + store 6.8 s -> 4.8 s; with the imports moved in too, 2-trial
     studies: call to Tuner.fit 7.6 s -> 6.0-6.4 s, artifacts at the end 1.8 s -> 1.0-1.4 s).
     If Ray refuses the study, a store created here is removed again: a refused spec leaves
-    nothing behind.
+    nothing behind. Returns the line that says which Ray the study runs on.
     """
+    from study.ray_cluster import describe
+
     from concurrent.futures import ThreadPoolExecutor
 
     from study.tracking import remove_created
@@ -261,29 +231,29 @@ def start_ray_and_tracking(spec: StudySpec) -> None:
     with ThreadPoolExecutor(1, thread_name_prefix="tracking-store") as pool:
         store = pool.submit(_prepare_tracking, tracking_uri_for(spec))
         try:
-            init_ray(spec)
+            target = target or resolve_address(None, spec.address, os.environ)
+            init_ray(spec, target)
             check_cluster_resources(spec)
         except BaseException:
             if store.exception() is None:  # waits for the thread
                 remove_created(store.result())
             raise
         store.result()
+    return describe(target)
 
 
 def run_study(
-    spec: StudySpec, *, resume: bool = False, progress: bool = True, enqueue: list[dict[str, Any]] | None = None
+    spec: StudySpec, *, resume: bool = False, progress: bool = True, enqueue: list[dict[str, Any]] | None = None,
+    address: str | None = None,
 ) -> StudyOutcome:
     """Run (or resume) a study to completion and write its artifacts.
 
     ``enqueue`` replaces the paper defaults as the configurations tried first (see make_searcher).
+    ``address``: the command line's ``--address``, ahead of the spec's and RAY_ADDRESS.
     """
-    from ray import tune
-
-    from study.progress import ProgressLine
-    from study.searcher import make_searcher
-    from study.tracking import MlflowTrialLogger, StudyRun
-
     start = time.perf_counter()
+    target = resolve_address(address, spec.address, os.environ)
+    validate_target(target)  # before the seconds of importing Ray Tune
     study_dir = spec.study_dir()
     state_file = study_dir / STUDY_FILE
     tune_dir = study_dir / TUNE_DIR
@@ -294,9 +264,19 @@ def run_study(
             f"study {spec.name!r} already exists in {study_dir}; use 'robust-study resume {spec.name}' "
             "or choose another name"
         )
-    preflight(spec)
+    preflight(spec, target)
+    from ray import tune
+
+    from study.progress import ProgressLine
+    from study.searcher import make_searcher
+    from study.tracking import MlflowTrialLogger, StudyRun
+
     quiet_library_env()
-    start_ray_and_tracking(spec)
+    ray_line = start_ray_and_tracking(spec, target)
+    if progress:
+        print(ray_line, file=sys.stderr, flush=True)  # beside the progress lines
+    else:
+        log.info(ray_line)
 
     uri = tracking_uri_for(spec)
     study_run = StudyRun(uri, spec.experiment, spec.study_dir().parent / "mlartifacts", study_dir=study_dir)
