@@ -187,7 +187,8 @@ class StudySpec(_Strict):
     """Trials running at once."""
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     address: str | None = None
-    """Ray address: None = a local instance on 127.0.0.1; auto or ray://host:10001 = a cluster."""
+    """Ray address: host:port of a cluster's head, auto (Ray's own search) or local. Unset: RAY_ADDRESS,
+    else a new local instance on 127.0.0.1. ``--address`` on the command line comes first."""
     storage: str = "results"
     """Directory for results (shared storage on a cluster). Relative paths resolve against the working directory."""
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

@@ -35,8 +35,8 @@ needs_namespaces = pytest.mark.skipif(_REASON is not None, reason=f"two-host clu
 NUM_TRIALS = 4
 
 
-def cluster_spec(storage: Path, name: str, address: str, epochs: int = 2, **extra: Any) -> dict[str, Any]:
-    return {
+def cluster_spec(storage: Path, name: str, address: str | None, epochs: int = 2, **extra: Any) -> dict[str, Any]:
+    spec = {
         "name": name,
         "data": {"name": "digits", "train_subset": 600},
         "model": {"backbone": "small_cnn"},
@@ -50,12 +50,14 @@ def cluster_spec(storage: Path, name: str, address: str, epochs: int = 2, **extr
         "num_trials": NUM_TRIALS,
         "concurrency": 2,
         "resources": {"cpu": 1},
-        "address": address,
         # One filesystem seen by both hosts: the shared storage a real cluster needs. MLflow's
         # SQLite store lives there too; only the driver writes it.
         "storage": str(storage),
         **extra,
     }
+    if address is not None:
+        spec["address"] = address
+    return spec
 
 
 def write_spec(tmp_path: Path, spec: dict[str, Any]) -> Path:
@@ -105,7 +107,8 @@ def cluster() -> Iterator[TwoHostCluster]:
 @pytest.mark.timeout(600)
 def test_job_submit_runs_trials_on_both_hosts(cluster: TwoHostCluster, tmp_path: Path) -> None:
     storage = tmp_path / "shared"
-    spec = write_spec(tmp_path, cluster_spec(storage, "jobstudy", "auto"))
+    # No address in the spec: Ray gives the job's driver RAY_ADDRESS.
+    spec = write_spec(tmp_path, cluster_spec(storage, "jobstudy", None))
     start = time.perf_counter()
     # The submitter is another machine on the cluster network: the worker host, reaching the head's
     # dashboard through the veth link, with the cluster's token. The job's driver runs on the head.
@@ -118,6 +121,7 @@ def test_job_submit_runs_trials_on_both_hosts(cluster: TwoHostCluster, tmp_path:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "succeeded" in output.lower(), output[-4000:]
+    assert f"Ray: cluster at {cluster.gcs_address} (from RAY_ADDRESS), 2 nodes" in output, output[-4000:]
     assert_complete_on(study_records(storage, "jobstudy"), storage, "jobstudy", {cluster.head_ip, cluster.worker_ip})
     print(f"job-submitted study: {time.perf_counter() - start:.1f}s")
 
