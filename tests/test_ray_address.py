@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, stop_group, write_spec
+
 from study.config import ConfigError
 from study.ray_cluster import RayTarget, resolve_address, validate_target
 
@@ -81,12 +81,20 @@ def test_malformed_or_client_addresses_are_refused_naming_their_source(address: 
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("argv", [["run", "spec.yaml"], ["demo"], ["resume", "name"]])
+def test_study_commands_take_address(argv: list[str]) -> None:
+    from study.cli import build_parser
+
+    assert build_parser().parse_args([*argv, "--address", "10.0.0.5:6379"]).address == "10.0.0.5:6379"
+    assert build_parser().parse_args(argv).address is None
+
+
 # --------------------------------------------------------------------------- refusals through the CLI
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+                          check=False, timeout=timeout, env={**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -297,7 +305,7 @@ def test_ray_address_runs_the_study_on_that_cluster(cluster: LoopbackCluster, tm
                             env=cluster.env(RAY_ADDRESS=cluster.address), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=540)
+        _, err = proc.communicate(timeout=540)
     finally:
         stop_group(proc)
     assert proc.returncode == 0, err[-4000:]
@@ -317,7 +325,7 @@ def test_job_submit_runs_a_spec_without_address(cluster: LoopbackCluster, tmp_pa
     proc = subprocess.run(
         [str(RAY), "job", "submit", f"--address={cluster.dashboard_url}", "--submission-id=rs-address-job",
          "--", str(VENV_BIN / "robust-study"), "run", str(spec)],
-        cwd=tmp_path, env=cluster.env(), capture_output=True, text=True, timeout=540,
+        cwd=tmp_path, env=cluster.env(), capture_output=True, text=True, timeout=540, check=False,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "succeeded" in output.lower(), output[-4000:]
