@@ -222,10 +222,9 @@ def start_ray_and_tracking(spec: StudySpec, target: RayTarget | None = None) -> 
     If Ray refuses the study, a store created here is removed again: a refused spec leaves
     nothing behind. Returns the line that says which Ray the study runs on.
     """
-    from study.ray_cluster import describe
-
     from concurrent.futures import ThreadPoolExecutor
 
+    from study.ray_cluster import describe
     from study.tracking import remove_created
 
     with ThreadPoolExecutor(1, thread_name_prefix="tracking-store") as pool:
