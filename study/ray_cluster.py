@@ -3,7 +3,8 @@
 Precedence: ``--address`` on the command line, the spec's ``address``, ``RAY_ADDRESS`` (which
 ``ray job submit`` sets for its driver), then a new local instance on 127.0.0.1. ``local`` in the
 flag or the spec asks for a new local instance whatever RAY_ADDRESS says; ``auto`` is Ray's own
-search (RAY_ADDRESS, then the cluster last started with ``ray start`` on this machine).
+search (RAY_ADDRESS, then the cluster ``ray start`` last recorded on this machine, then any Ray
+instance running here).
 
 Unlike a bare ``ray.init()``, a study with none of the four does not join a cluster merely because
 ``ray start`` ran on this machine (Ray's current-cluster file): on a shared machine that may be
@@ -19,8 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from study.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 #: Where each source of an address is named in messages.
 SOURCES = ("--address", "address", "RAY_ADDRESS")
