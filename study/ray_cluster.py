@@ -65,7 +65,7 @@ def validate_target(target: RayTarget) -> None:
     if address.startswith("ray://"):
         raise ConfigError(f"{target.source}: {address!r} {_CLIENT_REFUSAL}")
     host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if "://" in address or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(
             f"{target.source}: {address!r} must be host:port (the head's GCS, e.g. 10.0.0.5:6379), auto or local"
             + ("; an http:// dashboard URL is for ray job submit --address" if "://" in address else "")
