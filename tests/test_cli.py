@@ -316,40 +316,47 @@ sys.exit(3)
 """
 
 
-def _serve(live_seconds: float) -> subprocess.Popen:
+def _serve(live_seconds: float, out: Path) -> tuple[subprocess.Popen, list[int]]:
+    """serve() the stand-in in a process of its own; its output goes to files, not pipes, which
+    a worker left running would keep open."""
     code = ("import sys\nfrom study.ui_server import serve\n"
             f"sys.exit(serve([sys.executable, '-c', {STUBBORN!r}, '{live_seconds}'], name='fake', grace=1.0))\n")
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with (out / "stdout").open("w") as stdout, (out / "stderr").open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=stdout, stderr=stderr,
+                                start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (out / "stdout").read_text().endswith("\n") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc, [int(p) for p in (out / "stdout").read_text().split()]
 
 
 @pytest.mark.parametrize("sig, code, label", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C"),
                                               (signal.SIGHUP, 129, "SIGHUP")])
-def test_serve_kills_what_ignores_sigterm_and_ignores_repeated_signals(sig: int, code: int, label: str) -> None:
-    proc = _serve(600)
+def test_serve_kills_what_ignores_sigterm_and_ignores_repeated_signals(sig: int, code: int, label: str,
+                                                                     tmp_path: Path) -> None:
+    proc, pids = _serve(600, tmp_path)
     starts: dict[int, int] = {}
     try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 3, pids
         starts.update({pid: _stat(pid)[3] for pid in pids})
         os.kill(proc.pid, sig)
         time.sleep(0.3)  # within the 1 s grace: the server ignores SIGTERM
         os.kill(proc.pid, sig)
         assert proc.wait(timeout=60) == code
-        assert proc.stderr.read().splitlines() == [f"fake: stopped by {label}"]
+        assert (tmp_path / "stderr").read_text().splitlines() == [f"fake: stopped by {label}"]
         assert not [pid for pid in pids if _running(pid, starts[pid])]
     finally:
         _cleanup(proc, starts)
 
 
-def test_serve_returns_the_servers_status_and_stops_the_workers_it_left() -> None:
-    proc = _serve(2)
+def test_serve_returns_the_servers_status_and_stops_the_workers_it_left(tmp_path: Path) -> None:
+    proc, pids = _serve(2, tmp_path)
     starts: dict[int, int] = {}
     try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3, pids
         starts.update({pid: _stat(pid)[3] for pid in pids})
         assert proc.wait(timeout=60) == 3
-        assert proc.stderr.read() == ""
+        assert (tmp_path / "stderr").read_text() == ""
         assert not [pid for pid, start in starts.items() if _running(pid, start)]
     finally:
         _cleanup(proc, starts)
