@@ -363,7 +363,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 
 
-def _attack_names_table() -> Sequence[str]:
+def _attack_table() -> Sequence[str]:
     from study.config import ATTACKS
 
     return ATTACKS
@@ -376,7 +376,7 @@ def build_parser() -> Parser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
     # The same option after the command. SUPPRESS: when absent there it must not reset the value
     # given before the command.
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log progress details (INFO level)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
@@ -395,7 +395,7 @@ def build_parser() -> Parser:
 
     p = command("evaluate")
     p.add_argument("dir", help="a folder written by robust-study trial")
-    p.add_argument("--attack", required=True, choices=LazyChoices(_attack_names_table), metavar="NAME",
+    p.add_argument("--attack", required=True, choices=LazyChoices(_attack_table), metavar="NAME",
                    help="the attack: %(choices)s")
     p.add_argument("--eps", type=float, help="perturbation budget (default: the one the trial was evaluated at)")
     p.add_argument("--n", type=count, help="number of test samples to attack (default: the trial's)")

@@ -7,7 +7,7 @@ that live in heavier modules are looked up only when used, so ``--help`` stays q
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -39,7 +39,7 @@ class Parser(argparse.ArgumentParser):
     """
 
     #: The sub-command parsers by name (set by whoever adds them).
-    commands: dict[str, argparse.ArgumentParser]
+    commands: Mapping[str, argparse.ArgumentParser]
 
     def error(self, message: str) -> NoReturn:
         message = " ".join(message.split())

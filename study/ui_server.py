@@ -17,9 +17,10 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 _HAVE_PROC = Path("/proc/self/stat").exists()
 
 
@@ -47,7 +48,7 @@ class _Signals:
             self.armed = False
             raise _Stop
 
-    def __enter__(self) -> _Signals:
+    def __enter__(self) -> Self:
         # Python delivers signals to the main thread only; elsewhere the caller's handlers stay.
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:

@@ -38,7 +38,7 @@ REQUIRED = {
 
 
 def program(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd or ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-m", "study", *args], check=False, cwd=cwd or ROOT, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -77,7 +77,8 @@ def test_version_and_help_import_nothing_heavy(args: list[str]) -> None:
             f"try:\n    main({args!r})\nexcept SystemExit as exit:\n    code = exit.code\n"
             "heavy = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]\n"
             "print(code, any(m in sys.modules for m in ('study.config', 'pydantic')), heavy, file=sys.stderr)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
     exit_code, config_imported, heavy = proc.stderr.strip().splitlines()[-1].split(" ", 2)
     assert exit_code in ("0", "None") and heavy == "[]", proc.stderr
     # evaluate's --help lists the attacks, which live with the configs; nothing else needs them.
