@@ -85,7 +85,10 @@ def serve(cmd: Sequence[str], *, name: str, grace: float = 5.0) -> int:
                 stop_session(proc, grace)
         if signals.received is not None:
             label = SIGNAL_NAMES.get(signals.received, f"signal {signals.received}")
-            print(f"{name}: stopped by {label}", file=sys.stderr, flush=True)
+            try:
+                print(f"{name}: stopped by {label}", file=sys.stderr, flush=True)
+            except OSError:  # after a hang-up the terminal may be gone; the server is stopped
+                pass
             return 128 + signals.received
     return 128 - code if code < 0 else code
 
@@ -98,12 +101,12 @@ def stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """
     sid = proc.pid
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if not _alive(proc):  # nothing left: its ids may already name someone else's processes
+            return
         _signal_session(sid, sig)
         deadline = time.monotonic() + wait
         while _alive(proc) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if not _alive(proc):
-            return
 
 
 def _alive(proc: subprocess.Popen) -> bool:
