@@ -11,11 +11,14 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from study.cli_args import EXIT_BAD_INPUT, LazyChoices, Parser, VersionAction, count, port
+
+if TYPE_CHECKING:
+    from study.records import TrialRecord
 
 log = logging.getLogger("robust-study")
 
@@ -225,7 +228,7 @@ def _attack_names(eval_cfg: Any) -> str:
     return ", ".join(a.name for a in eval_cfg.attacks) + f" at eps {eval_cfg.eps:g}"
 
 
-def study_failure(records: Sequence[Mapping[str, Any]]) -> str | None:
+def study_failure(records: Sequence[TrialRecord]) -> str | None:
     """Why a finished study failed, or None when at least one of its trials completed.
 
     A study none of whose trials completed has no front and nothing to export: its command exits
