@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from study.cli_args import EXIT_BAD_INPUT, LazyChoices, Parser, VersionAction, count, port
+from study.errors import ConfigError
 
 if TYPE_CHECKING:
     from study.records import TrialRecord
@@ -62,7 +63,7 @@ def format_trial_result(result: Any) -> str:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from study.config import ConfigError, commented_default_yaml, parse_trial_config, read_yaml
+    from study.config import commented_default_yaml, parse_trial_config, read_yaml
     from study.export import configs_from_export, is_export
 
     if args.print_default:
@@ -140,7 +141,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.what == "load":
         from study.bench.load import bench_load, format_load
-        from study.config import ConfigError
 
         storage = Path(args.storage or "results")
         if (storage / "bench_load").exists():
@@ -276,7 +276,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from study.config import ConfigError
     from study.runner import STUDY_FILE, run_study
     from study.spec import parse_spec
 
@@ -313,7 +312,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from study.config import ConfigError
     from study.tracking import sync_study
 
     study_dir = (Path(args.storage) / args.name).resolve()
@@ -328,7 +326,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from study.config import ConfigError
     from study.tracking import default_tracking_uri
     from study.ui_server import serve
 
@@ -457,7 +454,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     handler = COMMANDS[args.command][0]
-    from study.config import ConfigError
 
     try:
         return handler(args)
