@@ -1,7 +1,8 @@
-"""``robust-study`` command line: a table of small commands, each returning an exit code.
+"""The ``robust-study`` command line: one small function per command, each returning an exit code.
 
-Bad input (a config, a name, a path) is one line on stderr and exit status 2, before anything
-is written or trained.
+Bad input (a config, a name, a path, an option) is one line on stderr and exit status 2, before
+anything is written or trained. ``--help`` and ``--version`` import nothing heavy: commands import
+what they need when they run.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from study.config import ConfigError
+from study.cli_args import EXIT_BAD_INPUT, LazyChoices, Parser, VersionAction, count, port
+from study.errors import ConfigError
+
+if TYPE_CHECKING:
+    from study.records import TrialRecord
 
 log = logging.getLogger("robust-study")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def _pct(value: float) -> str:
@@ -96,14 +101,12 @@ def _print_epoch(report: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from study.config import ATTACKS, AttackConfig, load_trial_config
+    from study.config import AttackConfig, load_trial_config
     from study.trial import load_model
     from study.verify import reevaluate
 
     config = load_trial_config(f"{args.dir}/config.yaml")
     load_model(args.dir)  # weights that do not fit the config fail here, as one line
-    if args.attack not in ATTACKS:
-        raise ConfigError(f"--attack {args.attack!r} is not allowed; choose one of {', '.join(ATTACKS)}")
     update: dict[str, Any] = {"attacks": [AttackConfig(name=args.attack, eps=args.eps)]}
     if args.eps is not None:
         update["eps"] = args.eps
@@ -225,13 +228,34 @@ def _attack_names(eval_cfg: Any) -> str:
     return ", ".join(a.name for a in eval_cfg.attacks) + f" at eps {eval_cfg.eps:g}"
 
 
+def study_failure(records: Sequence[TrialRecord]) -> str | None:
+    """Why a finished study failed, or None when at least one of its trials completed.
+
+    A study none of whose trials completed has no front and nothing to export: its command exits
+    1, so that scripts and job schedulers see the failure.
+    """
+    if any(r.get("status") == "completed" for r in records):
+        return None
+    if not records:
+        return "no trial ran"
+    return f"no trial completed ({len(records)} trial(s) failed, diverged or were stopped)"
+
+
+def _finish_study(args: argparse.Namespace, outcome: Any, spec: Any) -> int:
+    _report_study(outcome, spec)
+    problem = study_failure(outcome.records)
+    if problem is None:
+        return EXIT_OK
+    print(f"robust-study {args.command}: {problem}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from study.runner import run_study
 
     spec = _spec_with(args)
     outcome = run_study(spec, progress=not args.quiet, address=args.address)
-    _report_study(outcome, spec)
-    return EXIT_OK
+    return _finish_study(args, outcome, spec)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -248,8 +272,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"robust-study demo: {spec.num_trials} trials of {', '.join(spec.defenses)} + baseline on digits, "
           f"{spec.concurrency} at a time", flush=True)
     outcome = run_study(spec, progress=True, address=args.address)
-    _report_study(outcome, spec)
-    return EXIT_OK
+    return _finish_study(args, outcome, spec)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -262,8 +285,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     state = json.loads(state_file.read_text())
     spec = parse_spec(state["spec"], source=str(state_file))
     outcome = run_study(spec, resume=True, progress=not args.quiet, address=args.address)
-    _report_study(outcome, spec)
-    return EXIT_OK
+    return _finish_study(args, outcome, spec)
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
@@ -304,127 +326,150 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     from study.tracking import default_tracking_uri
+    from study.ui_server import serve
 
     uri = args.tracking_uri or default_tracking_uri(Path(args.storage))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise ConfigError(f"no MLflow store at {uri.removeprefix('sqlite:///')} (run a study first)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
-    return subprocess.call(cmd)
+    return serve(cmd, name="robust-study ui")
 
 
 # --------------------------------------------------------------------------- parser
 
 #: Every benchmark ``robust-study bench`` runs (README: Benchmarks).
 BENCHMARKS: dict[str, str] = {
-    "layers": "defense cost per training step at ResNet-18 scale",
+    "layers": "the cost of each defense per training step at ResNet-18 scale",
     "defenses": "the defense table on digits",
     "overhead": "the same trials in plain loops (default and 1 thread), a process pool and a study",
     "search": "hypervolume per sampler after n trials",
-    "evaluation": "search cheap/verify strong vs strong on every trial",
+    "evaluation": "search cheap/verify strong against strong on every trial",
     "load": "100 tiny trials, audited",
 }
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-    "trial": (cmd_trial, "train and attack one configuration locally"),
-    "evaluate": (cmd_evaluate, "re-evaluate a saved trial's model with one attack"),
-    "bench": (cmd_bench, "benchmarks (layers: defense cost at ResNet-18 scale)"),
-    "run": (cmd_run, "run a study (a spec file or a built-in name such as demo)"),
-    "demo": (cmd_demo, "run the built-in demo study and print its front"),
-    "resume": (cmd_resume, "continue a study whose driver died"),
-    "pareto": (cmd_pareto, "print a finished study's Pareto front"),
-    "export": (cmd_export, "write the front's trials as re-runnable trial configs"),
-    "sync": (cmd_sync, "log into MLflow what a study could not log while its server was away"),
-    "ui": (cmd_ui, "open the MLflow UI for the studies' store (127.0.0.1 by default)"),
+    "trial": (cmd_trial, "train and attack one configuration on this machine"),
+    "evaluate": (cmd_evaluate, "attack a trained trial's model again, with another attack or budget"),
+    "bench": (cmd_bench, "measure the defenses' cost, the framework's overhead or the search"),
+    "run": (cmd_run, "run a study from a spec file or a built-in spec"),
+    "demo": (cmd_demo, "run the built-in demo study on digits and print its Pareto front"),
+    "resume": (cmd_resume, "continue a study that was interrupted"),
+    "pareto": (cmd_pareto, "print a study's accuracy-robustness Pareto front"),
+    "export": (cmd_export, "write the front's trials as configs that robust-study trial re-runs"),
+    "sync": (cmd_sync, "log to MLflow what a study could not log while its server was away"),
+    "ui": (cmd_ui, "open the MLflow UI on the studies' results (this machine only by default)"),
 }
 
 
-def _address_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray to run on: host:port of a cluster's head, auto, or local (a new local "
-                   "instance); before the spec's address and RAY_ADDRESS (README: Running on a cluster)")
+def _attack_table() -> Sequence[str]:
+    from study.config import ATTACKS
+
+    return ATTACKS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robust-study", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def build_parser() -> Parser:
+    parser = Parser(prog="robust-study", description="Hyperparameter studies of adversarial-robustness "
+                     "defenses: search, train, attack and keep the accuracy-robustness Pareto front.")
+    parser.add_argument("--version", action=VersionAction, help="print the program's name and version, then exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
+    # The same option after the command. SUPPRESS: when absent there it must not reset the value
+    # given before the command.
+    common = Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress details (INFO level)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
+                                help="robust-study COMMAND --help shows a command's options")
+    parser.commands = sub.choices
 
-    p = sub.add_parser("trial", help=COMMANDS["trial"][1])
-    p.add_argument("config", nargs="?", help="trial config YAML")
-    p.add_argument("--out", help="output directory (result.json, config.yaml, model.pt)")
-    p.add_argument("--print-default", action="store_true", help="print the commented default config")
+    def address_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", help="the Ray to run on: a cluster head's host:port, auto, or local (a new "
+                       "local instance); comes before the spec's address and RAY_ADDRESS")
 
-    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1])
-    p.add_argument("dir", help="a trial output directory")
-    p.add_argument("--attack", required=True, help="attack name (see robust-study trial --print-default)")
-    p.add_argument("--eps", type=float, help="budget (default: the trial's eval eps)")
-    p.add_argument("--n", type=int, help="number of test samples")
+    def command(name: str) -> argparse.ArgumentParser:
+        about = COMMANDS[name][1]
+        return sub.add_parser(name, help=about, description=about[0].upper() + about[1:] + ".", parents=[common])
 
-    p = sub.add_parser("bench", help=COMMANDS["bench"][1])
-    p.add_argument("what", choices=BENCHMARKS, help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
-    p.add_argument("--n", type=int, default=200, help="defenses: attacked test samples")
-    p.add_argument("--epochs", type=int, help="defenses: override the demo's epochs; search: epochs per trial (2); "
-                   "overhead: epochs per trial (3)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
-    p.add_argument("--trials", type=int, help="overhead: trials (16); load: trials (100); search: max trials (64)")
-    p.add_argument("--concurrency", type=int, default=2, help="overhead, load: trials at once")
-    p.add_argument("--seeds", type=int, default=3, help="search: seeds per sampler")
-    p.add_argument("--study", default="demo", help="evaluation: a finished study (default demo)")
-    p.add_argument("--storage", help="evaluation, load: results directory (default results)")
+    p = command("trial")
+    p.add_argument("config", nargs="?", help="a trial config (YAML), or a front written by robust-study export")
+    p.add_argument("--out", metavar="DIR", help="folder for result.json, config.yaml and model.pt "
+                   "(one sub-folder per trial of an exported front)")
+    p.add_argument("--print-default", action="store_true", help="print the default trial config with comments, then exit")
 
-    p = sub.add_parser("run", help=COMMANDS["run"][1])
-    p.add_argument("spec", help="study spec YAML or built-in name (demo, cifar10_kap, ...)")
-    p.add_argument("--name", help="override the study name")
-    p.add_argument("--storage", help="override the results directory")
-    p.add_argument("--trials", type=int, help="override the number of trials")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    _address_option(p)
+    p = command("evaluate")
+    p.add_argument("dir", help="a folder written by robust-study trial")
+    p.add_argument("--attack", required=True, choices=LazyChoices(_attack_table), metavar="NAME",
+                   help="the attack: %(choices)s")
+    p.add_argument("--eps", type=float, help="perturbation budget (default: the one the trial was evaluated at)")
+    p.add_argument("--n", type=count, help="number of test samples to attack (default: the trial's)")
 
-    p = sub.add_parser("demo", help=COMMANDS["demo"][1])
-    p.add_argument("--storage", help="results directory (default: results)")
-    _address_option(p)
+    p = command("bench")
+    p.add_argument("what", choices=BENCHMARKS, metavar="WHAT", help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    p.add_argument("--n", type=count, default=200, help="defenses: test samples to attack (default 200)")
+    p.add_argument("--epochs", type=count, help="defenses: epochs per trial (default: the demo's); "
+                   "search: epochs per trial (2); overhead: epochs per trial (3)")
+    p.add_argument("--batch", type=count, default=128, help="layers: batch size (default 128)")
+    p.add_argument("--repeats", type=count, default=3, help="layers: timed repetitions per defense (default 3)")
+    p.add_argument("--device", default=None, help="layers: cpu or cuda (default: cuda when present)")
+    p.add_argument("--trials", type=count, help="overhead: trials (16); load: trials (100); search: at most this "
+                   "many trials (64)")
+    p.add_argument("--concurrency", type=count, default=2, help="overhead, load: trials at once (default 2)")
+    p.add_argument("--seeds", type=count, default=3, help="search: seeds per sampler (default 3)")
+    p.add_argument("--study", default="demo", help="evaluation: the name of a finished study (default demo)")
+    p.add_argument("--storage", help="evaluation, load: results folder (default results)")
 
-    for command in ("resume", "pareto", "export", "sync"):
-        p = sub.add_parser(command, help=COMMANDS[command][1])
-        p.add_argument("name", help="study name")
-        p.add_argument("--storage", default="results", help="results directory (default: results)")
-        if command == "resume":
-            p.add_argument("--quiet", action="store_true")
-            _address_option(p)
-        if command == "pareto":
-            p.add_argument("--final", action="store_true", help="the front verified with the final attacks")
-        if command == "export":
-            p.add_argument("--out", required=True, help="output YAML")
+    p = command("run")
+    p.add_argument("spec", help="a study spec (YAML file) or a built-in spec's name, e.g. demo or cifar10_kap")
+    p.add_argument("--name", help="study name (default: the spec's)")
+    p.add_argument("--storage", help="results folder (default: the spec's)")
+    p.add_argument("--trials", type=count, help="number of trials (default: the spec's)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines while trials run")
+    address_option(p)
 
-    p = sub.add_parser("ui", help=COMMANDS["ui"][1])
-    p.add_argument("--storage", default="results", help="results directory (default: results)")
-    p.add_argument("--tracking-uri", help="an MLflow tracking URI instead of the storage's SQLite store")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=5000)
+    p = command("demo")
+    p.add_argument("--storage", help="results folder (default: results)")
+    address_option(p)
+
+    for name in ("resume", "pareto", "export", "sync"):
+        p = command(name)
+        p.add_argument("name", help="the study's name")
+        p.add_argument("--storage", default="results", help="results folder (default: results)")
+        if name == "resume":
+            p.add_argument("--quiet", action="store_true", help="no progress lines while trials run")
+            address_option(p)
+        if name == "pareto":
+            p.add_argument("--final", action="store_true", help="the front re-checked with the strong final attacks")
+        if name == "export":
+            p.add_argument("--out", required=True, help="the YAML file to write")
+
+    p = command("ui")
+    p.add_argument("--storage", default="results", help="results folder (default: results)")
+    p.add_argument("--tracking-uri", help="show this MLflow store instead of the results folder's "
+                   "(e.g. http://host:5000 or sqlite:///path/mlflow.db)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port, default=5000, help="port to listen on (default 5000)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's parser, so that the line names the command
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     handler = COMMANDS[args.command][0]
-    from study.tracking import MlflowUnsynced
 
     try:
         return handler(args)
-    except MlflowUnsynced as err:  # results are safe on disk, but not bad input: exit 1
-        print(f"robust-study {args.command}: {err}", file=sys.stderr)
-        return EXIT_FAILED
     except ConfigError as err:
         print(f"robust-study {args.command}: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        # An MLflow store that stayed away is not bad input: results are safe on disk (exit 1).
+        # Only a command that imported the tracking module can have raised it.
+        tracking = sys.modules.get("study.tracking")
+        return EXIT_FAILED if tracking is not None and isinstance(err, tracking.MlflowUnsynced) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
