@@ -219,7 +219,7 @@ def _report_study(outcome: Any, spec: Any) -> None:
     print(format_front(outcome.final_front, f"\nVerified front (final attacks: {_attack_names(spec.final_eval)})"))
     print(f"\nresults  {outcome.study_dir}  (front.png, front.html, front.csv, best.yaml)")
     print(f"MLflow   {outcome.tracking_uri}")
-    storage = spec.study_dir().parent
+    storage = spec.storage if "://" in spec.storage else spec.study_dir().parent
     print(f"open the UI:  robust-study ui --storage {storage}   (then http://127.0.0.1:5000)")
     print(f"export:       robust-study export {spec.name} --storage {storage} --out best.yaml")
 
@@ -259,16 +259,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from study.runner import STUDY_FILE, run_study
+    from study.runner import run_study
     from study.spec import load_spec, parse_spec
+    from study.storage import study_exists
 
     spec = load_spec("demo")
-    storage = Path(args.storage or spec.storage)
+    storage = args.storage or spec.storage  # a str: Path would fold s3:// into s3:/
     name, n = "demo", 1
-    while (storage / name / STUDY_FILE).exists():  # make demo twice: a new study each time
+    while study_exists(storage, name):  # make demo twice: a new study each time
         n += 1
         name = f"demo-{n}"
-    spec = parse_spec({**spec.model_dump(mode="json"), "name": name, "storage": str(storage)}, source="demo")
+    spec = parse_spec({**spec.model_dump(mode="json"), "name": name, "storage": storage}, source="demo")
     print(f"robust-study demo: {spec.num_trials} trials of {', '.join(spec.defenses)} + baseline on digits, "
           f"{spec.concurrency} at a time", flush=True)
     outcome = run_study(spec, progress=True, address=args.address)
@@ -278,8 +279,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from study.runner import STUDY_FILE, run_study
     from study.spec import parse_spec
+    from study.storage import fetch_study
 
-    state_file = Path(args.storage) / args.name / STUDY_FILE
+    state_file = fetch_study(args.storage, args.name) / STUDY_FILE
     if not state_file.is_file():
         raise ConfigError(f"resume: no study {args.name!r} under {Path(args.storage).resolve()}")
     state = json.loads(state_file.read_text())
@@ -314,7 +316,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from study.tracking import sync_study
 
-    study_dir = (Path(args.storage) / args.name).resolve()
+    from study.storage import fetch_study
+
+    study_dir = fetch_study(args.storage, args.name, include_tune=True)
     if not (study_dir / "study.json").is_file():
         raise ConfigError(f"no study {args.name!r} under {study_dir.parent}")
     report = sync_study(study_dir)
@@ -329,7 +333,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from study.tracking import default_tracking_uri
     from study.ui_server import serve
 
-    uri = args.tracking_uri or default_tracking_uri(Path(args.storage))
+    from study.storage import work_root
+
+    uri = args.tracking_uri or default_tracking_uri(work_root(args.storage))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise ConfigError(f"no MLflow store at {uri.removeprefix('sqlite:///')} (run a study first)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]

@@ -186,8 +186,10 @@ def preflight(spec: StudySpec, target: RayTarget | None = None) -> None:
     """Everything checkable before Ray starts: dataset present, MLflow and Ray reachable."""
     from study.data import load_data
     from study.ray_cluster import check_reachable as check_ray
+    from study.storage import check_remote
     from study.tracking import check_reachable
 
+    check_remote(spec.storage)
     target = target or resolve_address(None, spec.address, os.environ)
     check_ray(target)
     load_data(spec.data, seed=spec.seed)
@@ -250,12 +252,25 @@ def run_study(
     ``enqueue`` replaces the paper defaults as the configurations tried first (see make_searcher).
     ``address``: the command line's ``--address``, ahead of the spec's and RAY_ADDRESS.
     """
+    from study import storage as store
+
     start = time.perf_counter()
     target = resolve_address(address, spec.address, os.environ)
     validate_target(target)  # before the seconds of importing Ray Tune
     study_dir = spec.study_dir()
     state_file = study_dir / STUDY_FILE
-    tune_dir = study_dir / TUNE_DIR
+    tune_path = f"{store.tune_storage_path(spec.storage, study_dir, spec.name)}/{TUNE_DIR}"
+    remote = store.is_remote(spec.storage)
+    if remote:
+        # The URI is the truth: a stale working copy must neither block a new study nor stand in
+        # for the remote one on resume.
+        if not store.study_exists(spec.storage, spec.name):
+            store.clear_local(spec.storage, spec.name)
+        elif not resume:
+            raise ConfigError(f"study {spec.name!r} already exists in {spec.storage}; use 'robust-study resume "
+                              f"{spec.name} --storage {spec.storage}' or choose another name")
+        else:
+            store.download(spec.storage, spec.name)
     if resume and not state_file.is_file():
         raise ConfigError(f"resume: no study {spec.name!r} under {study_dir.parent} (no {STUDY_FILE})")
     if not resume and state_file.is_file():
@@ -278,7 +293,9 @@ def run_study(
         log.info(ray_line)
 
     uri = tracking_uri_for(spec)
-    study_run = StudyRun(uri, spec.experiment, spec.study_dir().parent / "mlartifacts", study_dir=study_dir)
+    # A remote study's MLflow artifacts go to the URI too (MLflow writes s3:// or gs:// itself).
+    artifact_root = f"{spec.storage}/mlartifacts" if remote else spec.study_dir().parent / "mlartifacts"
+    study_run = StudyRun(uri, spec.experiment, artifact_root, study_dir=study_dir)
     state = json.loads(state_file.read_text()) if resume else {}
     study_dir.mkdir(parents=True, exist_ok=True)
     parent_id = study_run.start(
@@ -296,15 +313,21 @@ def run_study(
         )
         (study_dir / "spec.yaml").write_text(_dump_yaml(spec.model_dump(mode="json")))
         _write_json(study_dir / "search_space.json", spec.conditional_space().to_dict())
+    if remote:
+        store.upload(spec.storage, spec.name)
 
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, spec_data=spec.model_dump(mode="json")),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    if resume and (tune_dir / "tuner.pkl").exists():
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if resume and tune.Tuner.can_restore(tune_path):
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         callbacks = [MlflowTrialLogger(uri, study_run.experiment_id, parent_id, spec.name)]
+        if remote:
+            from study.mirror import StudyMirror
+
+            callbacks.append(StudyMirror(spec.storage, spec.name))
         if progress:
             callbacks.append(ProgressLine(spec.num_trials, spec.directions))
         scheduler = None
@@ -329,7 +352,7 @@ def run_study(
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
-                storage_path=str(study_dir),
+                storage_path=store.tune_storage_path(spec.storage, study_dir, spec.name),
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -344,13 +367,19 @@ def run_study(
         front, final_front = finish_study(spec, records, study_run)
     except MlflowUnsynced:
         _set_status(state_file, "finished, MLflow not synced")
+        if remote:
+            store.upload(spec.storage, spec.name)
         raise
     _set_status(state_file, "finished")
+    if remote:
+        store.upload(spec.storage, spec.name)
     return StudyOutcome(study_dir, records, front, final_front, time.perf_counter() - start, parent_id, uri)
 
 
 def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
     """One record per trial from Tune's results (the source for fronts, tables, export)."""
+    from study.storage import checkpoint_location
+
     records: list[TrialRecord] = []
     for number, result in enumerate(sorted(grid, key=lambda r: r.path or "")):
         metrics = result.metrics or {}
@@ -366,7 +395,7 @@ def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
             "reason": metrics.get("reason") or (str(result.error).strip().splitlines()[-1] if result.error else ""),
             "trusted": outcome["trusted"],
             "flags_failed": outcome["failed_gates"],
-            "checkpoint": result.checkpoint.path if (final and result.checkpoint) else None,
+            "checkpoint": checkpoint_location(result.checkpoint) if (final and result.checkpoint) else None,
             "node_ip": metrics.get("node_ip"),
             "resumed_from_epoch": metrics.get("resumed_from_epoch", 0),
             "finished_at": metrics.get("timestamp", 0),
@@ -451,11 +480,15 @@ def _dump_yaml(data: Any) -> str:
 
 
 def load_records(storage: str, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A finished study's state and trial records (for pareto/export)."""
-    study_dir = (Path(storage).expanduser() / name).resolve()
+    """A finished study's state and trial records (for pareto/export); a URI ``storage`` is read
+    from the object store."""
+    from study.storage import fetch_study
+
+    study_dir = fetch_study(str(storage), name)
     state_file, trials_file = study_dir / STUDY_FILE, study_dir / TRIALS_FILE
     if not state_file.is_file():
-        raise ConfigError(f"no study {name!r} under {study_dir.parent} (run it with: robust-study run SPEC)")
+        where = storage if "://" in str(storage) else study_dir.parent
+        raise ConfigError(f"no study {name!r} under {where} (run it with: robust-study run SPEC)")
     if not trials_file.is_file():
         raise ConfigError(f"study {name!r} has no results yet (still running, or resume it: robust-study resume {name})")
     return json.loads(state_file.read_text()), json.loads(trials_file.read_text())

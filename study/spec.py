@@ -190,7 +190,8 @@ class StudySpec(_Strict):
     """Ray address: host:port of a cluster's head, auto (Ray's own search) or local. Unset: RAY_ADDRESS,
     else a new local instance on 127.0.0.1. ``--address`` on the command line comes first."""
     storage: str = "results"
-    """Directory for results (shared storage on a cluster). Relative paths resolve against the working directory."""
+    """Directory for results (shared storage on a cluster), or an s3:// / gs:// URI (study.storage).
+    Relative paths resolve against the working directory."""
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     max_failures: int = Field(2, ge=0, le=1000)
@@ -244,6 +245,13 @@ class StudySpec(_Strict):
             raise ValueError("must be auto, host:port or ray://host:port (port 1-65535)")
         return value
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_path_or_uri(cls, value: str) -> str:
+        from study.storage import validate_storage
+
+        return validate_storage(value)
+
     @field_validator("search_training")
     @classmethod
     def _known_training_params(cls, value: list[str]) -> list[str]:
@@ -279,8 +287,11 @@ class StudySpec(_Strict):
         return self.mlflow.experiment or self.name
 
     def study_dir(self) -> Path:
-        """Absolute results folder of this study (resolved before any trial changes directory)."""
-        return (Path(self.storage).expanduser() / self.name).resolve()
+        """Absolute results folder of this study (resolved before any trial changes directory);
+        for a URI ``storage`` the driver's local working copy (study.storage)."""
+        from study.storage import work_root
+
+        return work_root(self.storage) / self.name
 
     def conditional_space(self) -> Any:
         """The search space: defense first, then its parameters (search_spaces.ConditionalSpace)."""
@@ -365,6 +376,12 @@ def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
     """Validate a mapping into a StudySpec; one-line ConfigError naming the field otherwise."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a study spec must be a mapping, got {type(data).__name__}")
+    from study.storage import find_credential_key
+
+    secret = find_credential_key(data)
+    if secret:
+        raise ConfigError(f"{source}: {secret}: credentials do not belong in a spec; set them in the environment "
+                          "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)")
     try:
         check_plain_data(data)
     except ConfigError as err:

@@ -145,13 +145,19 @@ def check_reachable(uri: str) -> None:
         raise ConfigError(f"mlflow.tracking_uri: cannot reach MLflow server at {uri} ({reason})") from None
 
 
-def ensure_experiment(client: Any, name: str, artifact_root: Path | None) -> str:
+def ensure_experiment(client: Any, name: str, artifact_root: Path | str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     # A server stores artifacts itself (proxied ``mlflow-artifacts:``), so every node can read
     # them; a local folder is only right for the local SQLite store.
-    location = None if is_server(client.tracking_uri) or artifact_root is None else artifact_root.resolve().as_uri()
+    # A URI (an object store, study.storage) is given to MLflow as it is.
+    if is_server(client.tracking_uri) or artifact_root is None:
+        location = None
+    elif isinstance(artifact_root, str):
+        location = artifact_root
+    else:
+        location = artifact_root.resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -377,7 +383,7 @@ class StudyRun:
     raises :class:`MlflowUnsynced` if the server does not come back within the grace period.
     """
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None, study_dir: Path | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | str | None, study_dir: Path | None = None) -> None:
         self.uri = uri
         self.experiment = experiment
         self.artifact_root = artifact_root
@@ -622,7 +628,9 @@ class MlflowTrialLogger(Callback):
             run_id = self.runs.run_id(trial.trial_id)
             last = trial.last_result or {}
             if trial.checkpoint is not None and last.get("final"):
-                _log_trial_artifacts(self.client, run_id, Path(trial.checkpoint.path))
+                # as_directory: a checkpoint in an object store is fetched to a temporary folder.
+                with trial.checkpoint.as_directory() as directory:
+                    _log_trial_artifacts(self.client, run_id, Path(directory))
             status = "FINISHED" if last.get("status") == "completed" else "FAILED"
             if not last.get("final"):
                 self.client.set_tag(run_id, "status", "stopped")

@@ -17,7 +17,17 @@ log = logging.getLogger(__name__)
 
 
 def reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """Attack a saved trial's model with another evaluation config; plain-dict result."""
+    """Attack a saved trial's model with another evaluation config; plain-dict result.
+
+    ``trial_dir`` may be an object-store URI (a remote study's checkpoint): it is fetched first.
+    """
+    from study.storage import local_copy
+
+    with local_copy(trial_dir) as directory:
+        return _reevaluate(directory, eval_data, device)
+
+
+def _reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     from study.config import EvalConfig, load_trial_config
     from study.data import eval_tensors, load_data
     from study.evaluate import evaluate
