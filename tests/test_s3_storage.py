@@ -2,14 +2,15 @@
 
 Fast tests: refused storage values and unreachable / credential-less / bucket-less stores, each one
 line and exit 2 with nothing written. The end-to-end test runs a study into the bucket, kills its
-driver, resumes it from the URI with the local working copy wiped, and reads export and pareto
-from the bucket.
+driver, resumes it from the URI with the local working copy wiped, and reads pareto, export and
+sync from the bucket.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -214,6 +215,10 @@ def test_study_in_s3_survives_a_killed_driver(tmp_path: Path, moto_endpoint: str
     assert {prefix + "study.json", prefix + "optuna.db", "team/a/mlflow.db"} <= keys
     assert any(k.startswith(prefix + "tune/") and k.endswith("tuner.pkl") for k in keys)
     assert any("/checkpoint_" in k for k in keys)
+    # Trials that finished before the kill (their final checkpoint holds model.pt), by Tune id.
+    trial_dir = re.compile(re.escape(prefix) + r"tune/_trainable_([0-9a-f]+_\d+)_[^/]*/.*model\.pt$")
+    finished_before = {m.group(1) for m in map(trial_dir.match, keys) if m}
+    assert len(finished_before) >= 2, sorted(keys)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "study", *args], cwd=tmp_path, env=env, capture_output=True,
@@ -232,6 +237,8 @@ def test_study_in_s3_survives_a_killed_driver(tmp_path: Path, moto_endpoint: str
         assert prefix + name in keys, name
     records = json.loads((cache / "s3/studies/team/a/remote/trials.json").read_text())
     assert len(records) == 6 and len({r["trial_id"] for r in records}) == 6
+    # Resumed, not restarted: the trials finished before the kill are kept, not run again.
+    assert finished_before <= {r["trial_id"] for r in records}
     assert all(r["checkpoint"].startswith("s3://studies/team/a/remote/tune/")
                for r in records if r["status"] == "completed")
     front = [r for r in records if r["on_front"]]
@@ -268,5 +275,10 @@ def test_study_in_s3_survives_a_killed_driver(tmp_path: Path, moto_endpoint: str
     document = yaml.safe_load(out.read_text())
     final_front = [r for r in records if r["on_final_front"]] or front
     assert len(document["trials"]) == len(final_front)
+    # sync reads Tune's trial folders from the bucket: every trial found, all already logged.
+    shutil.rmtree(cache)
+    synced = cli("sync", "remote", "--storage", storage)
+    assert synced.returncode == 0, synced.stderr
+    assert "remote: 6 trials, 0 run(s) logged now" in synced.stdout, synced.stdout
     # Never a local folder named after the scheme.
     assert not list(tmp_path.rglob("s3:*"))
