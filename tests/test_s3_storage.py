@@ -216,7 +216,7 @@ def test_study_in_s3_survives_a_killed_driver(tmp_path: Path, moto_endpoint: str
     assert any(k.startswith(prefix + "tune/") and k.endswith("tuner.pkl") for k in keys)
     assert any("/checkpoint_" in k for k in keys)
     # Trials that finished before the kill (their final checkpoint holds model.pt), by Tune id.
-    trial_dir = re.compile(re.escape(prefix) + r"tune/_trainable_([0-9a-f]+_\d+)_[^/]*/.*model\.pt$")
+    trial_dir = re.compile(re.escape(prefix) + r"tune/_trainable_([0-9a-f]+)_\d+_[^/]*/.*model\.pt$")
     finished_before = {m.group(1) for m in map(trial_dir.match, keys) if m}
     assert len(finished_before) >= 2, sorted(keys)
 
