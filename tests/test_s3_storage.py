@@ -145,10 +145,8 @@ def test_unreachable_endpoint(clean_env: Path, capsys: pytest.CaptureFixture, mo
     for key, value in s3_env(f"http://127.0.0.1:{closed}", clean_env / "cache").items():
         monkeypatch.setenv(key, value)
     spec = write_spec(clean_env, "away", storage="s3://bucket/x")
-    started = time.monotonic()
     code, err = run_cli(capsys, "run", str(spec))
     assert_refused(code, err, "cannot reach", f"127.0.0.1:{closed}")
-    assert time.monotonic() - started < 60
     assert written(clean_env, spec) == []
     code, err = run_cli(capsys, "export", "away", "--storage", "s3://bucket/x", "--out", str(clean_env / "o.yaml"))
     assert_refused(code, err, "cannot reach")
