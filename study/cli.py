@@ -314,9 +314,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from study.tracking import sync_study
-
     from study.storage import fetch_study
+    from study.tracking import sync_study
 
     study_dir = fetch_study(args.storage, args.name, include_tune=True)
     if not (study_dir / "study.json").is_file():
@@ -330,10 +329,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from study.storage import work_root
     from study.tracking import default_tracking_uri
     from study.ui_server import serve
-
-    from study.storage import work_root
 
     uri = args.tracking_uri or default_tracking_uri(work_root(args.storage))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
