@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from study.config import ConfigError
+from study.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
