@@ -254,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from study.runner import run_study
 
     spec = _spec_with(args)
-    outcome = run_study(spec, progress=not args.quiet, address=args.address)
+    outcome = run_study(spec, progress=not args.quiet, address=args.address, tracking_uri=args.tracking_uri)
     return _finish_study(args, outcome, spec)
 
 
@@ -272,7 +272,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = parse_spec({**spec.model_dump(mode="json"), "name": name, "storage": storage}, source="demo")
     print(f"robust-study demo: {spec.num_trials} trials of {', '.join(spec.defenses)} + baseline on digits, "
           f"{spec.concurrency} at a time", flush=True)
-    outcome = run_study(spec, progress=True, address=args.address)
+    outcome = run_study(spec, progress=True, address=args.address, tracking_uri=args.tracking_uri)
     return _finish_study(args, outcome, spec)
 
 
@@ -308,8 +308,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     state, records = load_records(args.storage, args.name)
     spec = parse_spec(state["spec"], source=args.name)
     front = [r for r in records if r.get("on_final_front")] or [r for r in records if r.get("on_front")]
+    if args.register is not None:  # every front model must be there before anything is written
+        from study.mlflow_model import check_registry_name, front_models, register_models
+
+        check_registry_name(args.register)
+        models = front_models(state, front)
     out = write_export(export_document(spec, front), args.out)
     print(f"wrote {len(front)} trial config(s) to {out}; run them with: robust-study trial {out} --out DIR")
+    if args.register is not None:
+        versions = register_models(state["tracking_uri"], args.register, models)
+        print(f"registered {len(versions)} new version(s) of model {args.register!r} in {state['tracking_uri']}"
+              + (f" ({len(models) - len(versions)} already there)" if len(versions) < len(models) else ""))
     return EXIT_OK
 
 
@@ -329,11 +338,17 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+
+    from study.mlflow_conventions import resolve_tracking_uri
     from study.storage import work_root
-    from study.tracking import default_tracking_uri
+    from study.tracking import is_server
     from study.ui_server import serve
 
-    uri = args.tracking_uri or default_tracking_uri(work_root(args.storage))
+    uri = resolve_tracking_uri(args.tracking_uri, None, os.environ, work_root(args.storage))
+    if is_server(uri):
+        print(f"{uri} is an MLflow server: open it in a browser")
+        return EXIT_OK
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise ConfigError(f"no MLflow store at {uri.removeprefix('sqlite:///')} (run a study first)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
@@ -434,6 +449,9 @@ def build_parser() -> Parser:
     p = command("demo")
     p.add_argument("--storage", help="results folder (default: results)")
     address_option(p)
+    for command_parser in (sub.choices["run"], p):
+        command_parser.add_argument("--tracking-uri", help="the MLflow store: comes before the spec's "
+                                    "mlflow.tracking_uri, MLFLOW_TRACKING_URI and the results folder's mlflow.db")
 
     for name in ("resume", "pareto", "export", "sync"):
         p = command(name)
@@ -446,11 +464,13 @@ def build_parser() -> Parser:
             p.add_argument("--final", action="store_true", help="the front re-checked with the strong final attacks")
         if name == "export":
             p.add_argument("--out", required=True, help="the YAML file to write")
+            p.add_argument("--register", metavar="MODEL", help="also register the front's models as versions of "
+                           "this MLflow registered model")
 
     p = command("ui")
     p.add_argument("--storage", default="results", help="results folder (default: results)")
-    p.add_argument("--tracking-uri", help="show this MLflow store instead of the results folder's "
-                   "(e.g. http://host:5000 or sqlite:///path/mlflow.db)")
+    p.add_argument("--tracking-uri", help="show this MLflow store instead of MLFLOW_TRACKING_URI's or the results "
+                   "folder's (e.g. http://host:5000 or sqlite:///path/mlflow.db)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=5000, help="port to listen on (default 5000)")
     return parser

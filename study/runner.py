@@ -34,9 +34,14 @@ TUNE_DIR = "tune"
 # --------------------------------------------------------------------------- the trainable
 
 
-def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
+def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: str | None = None) -> None:
     """Ray Tune function trainable: one trial, reported per epoch and once more at the end."""
     started_at = time.time()
+    if tracking_uri:
+        # The driver's store, not whatever this node's environment says: MLflow code in the
+        # worker that falls back on MLflow's default (saving the model asks for it) sees the
+        # study's store. Trials never write to it (study.tracking).
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     import torch
     from ray import tune
 
@@ -110,6 +115,15 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any]) -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         save_trial(config, result, directory)
+        if spec.mlflow.log_models and result.model_state is not None:
+            from study.data import eval_tensors
+            from study.mlflow_model import save_trial_model
+
+            example, _ = eval_tensors(data.test, 2, seed=config.seed)
+            seconds = save_trial_model(directory, example, stochastic=result.stochastic)
+            if seconds is not None:
+                final["model_seconds"] = seconds
+                final["ended_at"] = time.time()  # saving the model is the trial's work (timeline)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
@@ -176,13 +190,14 @@ class StudyOutcome:
     tracking_uri: str
 
 
-def tracking_uri_for(spec: StudySpec) -> str:
-    from study.tracking import default_tracking_uri
+def tracking_uri_for(spec: StudySpec, flag: str | None = None) -> str:
+    """The tracking URI a new study of ``spec`` uses (study.mlflow_conventions.resolve_tracking_uri)."""
+    from study.mlflow_conventions import resolve_tracking_uri
 
-    return spec.mlflow.tracking_uri or default_tracking_uri(spec.study_dir().parent)
+    return resolve_tracking_uri(flag, spec.mlflow.tracking_uri, os.environ, spec.study_dir().parent)
 
 
-def preflight(spec: StudySpec, target: RayTarget | None = None) -> None:
+def preflight(spec: StudySpec, uri: str, target: RayTarget | None = None) -> None:
     """Everything checkable before Ray starts: dataset present, MLflow and Ray reachable."""
     from study.data import load_data
     from study.ray_cluster import check_reachable as check_ray
@@ -193,7 +208,7 @@ def preflight(spec: StudySpec, target: RayTarget | None = None) -> None:
     target = target or resolve_address(None, spec.address, os.environ)
     check_ray(target)
     load_data(spec.data, seed=spec.seed)
-    check_reachable(tracking_uri_for(spec))
+    check_reachable(uri)
 
 
 def _prepare_tracking(uri: str) -> list[Path]:
@@ -211,7 +226,7 @@ def _prepare_tracking(uri: str) -> list[Path]:
     return open_store(uri)
 
 
-def start_ray_and_tracking(spec: StudySpec, target: RayTarget | None = None) -> str:
+def start_ray_and_tracking(spec: StudySpec, uri: str, target: RayTarget | None = None) -> str:
     """Start Ray (and check it has the resources asked for) while, in a thread, the libraries the
     driver needs later are imported and the tracking store gets ready.
 
@@ -230,7 +245,7 @@ def start_ray_and_tracking(spec: StudySpec, target: RayTarget | None = None) -> 
     from study.tracking import remove_created
 
     with ThreadPoolExecutor(1, thread_name_prefix="tracking-store") as pool:
-        store = pool.submit(_prepare_tracking, tracking_uri_for(spec))
+        store = pool.submit(_prepare_tracking, uri)
         try:
             target = target or resolve_address(None, spec.address, os.environ)
             init_ray(spec, target)
@@ -245,12 +260,14 @@ def start_ray_and_tracking(spec: StudySpec, target: RayTarget | None = None) -> 
 
 def run_study(
     spec: StudySpec, *, resume: bool = False, progress: bool = True, enqueue: list[dict[str, Any]] | None = None,
-    address: str | None = None,
+    address: str | None = None, tracking_uri: str | None = None,
 ) -> StudyOutcome:
     """Run (or resume) a study to completion and write its artifacts.
 
     ``enqueue`` replaces the paper defaults as the configurations tried first (see make_searcher).
     ``address``: the command line's ``--address``, ahead of the spec's and RAY_ADDRESS.
+    ``tracking_uri`` (``--tracking-uri``) comes before the spec's and the environment's; a
+    resumed study keeps the store it started with (its runs are there).
     """
     from study import storage as store
 
@@ -278,7 +295,9 @@ def run_study(
             f"study {spec.name!r} already exists in {study_dir}; use 'robust-study resume {spec.name}' "
             "or choose another name"
         )
-    preflight(spec, target)
+    state = json.loads(state_file.read_text()) if resume else {}
+    uri = state.get("tracking_uri") or tracking_uri_for(spec, tracking_uri)
+    preflight(spec, uri, target)
     from ray import tune
 
     from study.progress import ProgressLine
@@ -286,17 +305,15 @@ def run_study(
     from study.tracking import MlflowTrialLogger, StudyRun
 
     quiet_library_env()
-    ray_line = start_ray_and_tracking(spec, target)
+    ray_line = start_ray_and_tracking(spec, uri, target)
     if progress:
         print(ray_line, file=sys.stderr, flush=True)  # beside the progress lines
     else:
         log.info(ray_line)
 
-    uri = tracking_uri_for(spec)
     # A remote study's MLflow artifacts go to the URI too (MLflow writes s3:// or gs:// itself).
     artifact_root = f"{spec.storage}/mlartifacts" if remote else spec.study_dir().parent / "mlartifacts"
     study_run = StudyRun(uri, spec.experiment, artifact_root, study_dir=study_dir)
-    state = json.loads(state_file.read_text()) if resume else {}
     study_dir.mkdir(parents=True, exist_ok=True)
     parent_id = study_run.start(
         spec.name,
@@ -317,7 +334,7 @@ def run_study(
         store.upload(spec.storage, spec.name)
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, spec_data=spec.model_dump(mode="json")),
+        tune.with_parameters(_trainable, spec_data=spec.model_dump(mode="json"), tracking_uri=uri),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     if resume and tune.Tuner.can_restore(tune_path):

@@ -91,7 +91,9 @@ class MlflowConfig(_Strict):
     """Where trials are recorded."""
 
     tracking_uri: str | None = None
-    """None = a SQLite store beside the study's results; or http://host:port of a server."""
+    """None = MLFLOW_TRACKING_URI if set, else a SQLite store beside the study's results; or http://host:port."""
+    log_models: bool = True
+    """Log each completed trial's network as an MLflow PyTorch model (runs:/<run_id>/model)."""
 
     @field_validator("tracking_uri")
     @classmethod

@@ -33,6 +33,13 @@ from typing import Any
 from ray.tune import Callback
 
 from study.config import ConfigError
+from study.mlflow_conventions import (  # noqa: F401 - default_tracking_uri: public here too
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    default_tracking_uri,
+    mark_model_training,
+    system_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +76,6 @@ class MlflowUnsynced(ConfigError):
 
     A ConfigError so that every command prints it as one line with a non-zero exit status.
     """
-
-
-def default_tracking_uri(storage_root: Path) -> str:
-    """A SQLite store shared by every study under one storage root (the UI shows them all)."""
-    return f"sqlite:///{storage_root.resolve() / 'mlflow.db'}"
 
 
 def is_server(uri: str) -> bool:
@@ -148,6 +150,7 @@ def check_reachable(uri: str) -> None:
 def ensure_experiment(client: Any, name: str, artifact_root: Path | str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        mark_model_training(client, experiment)  # experiments made before the tag existed
         return experiment.experiment_id
     # A server stores artifacts itself (proxied ``mlflow-artifacts:``), so every node can read
     # them; a local folder is only right for the local SQLite store.
@@ -158,7 +161,7 @@ def ensure_experiment(client: Any, name: str, artifact_root: Path | str | None) 
         location = artifact_root
     else:
         location = artifact_root.resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def flat_params(params: dict[str, Any]) -> dict[str, str]:
@@ -184,7 +187,7 @@ def result_metrics(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     stamp = int(result.get("timestamp") or time.time()) * 1000
     if result.get("final"):
         names = [k for k in result if k.startswith(("clean_", "robust_", "final_"))] + [
-            "train_seconds", "eval_seconds", "num_parameters", "epochs_run", "trusted",
+            "train_seconds", "eval_seconds", "num_parameters", "epochs_run", "trusted", "model_seconds",
         ]
     else:
         names = [k for k in result if k.startswith("epoch_")]
@@ -318,7 +321,7 @@ class _Runs:
             self.by_trial[trial_id] = self.client.create_run(
                 self.experiment_id,
                 run_name=f"trial-{trial_id}",
-                tags={PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial_id, STUDY_TAG: self.study},
+                tags={**system_tags(), PARENT_TAG: self.parent_run_id, TRIAL_ID_TAG: trial_id, STUDY_TAG: self.study},
             )
         return self.by_trial[trial_id].info.run_id
 
@@ -349,7 +352,7 @@ def replay_trial(runs: _Runs, files: TrialFiles) -> None:
         return
     final = files.final
     if final is not None and files.checkpoint is not None:
-        _log_trial_artifacts(client, run_id, files.checkpoint)
+        _log_trial_artifacts(client, runs.experiment_id, run_id, files.checkpoint)
     if final is not None:
         status = "FINISHED" if final.get("status") == "completed" else "FAILED"
     elif files.error:
@@ -363,10 +366,14 @@ def replay_trial(runs: _Runs, files: TrialFiles) -> None:
     runs.by_trial[files.trial_id] = run
 
 
-def _log_trial_artifacts(client: Any, run_id: str, checkpoint: Path) -> None:
+def _log_trial_artifacts(client: Any, experiment_id: str, run_id: str, checkpoint: Path) -> None:
     for name in ("model.pt", "result.json", "config.yaml"):
         if (checkpoint / name).is_file():
             client.log_artifact(run_id, str(checkpoint / name))
+    from study.mlflow_model import MODEL_DIR, log_trial_model
+
+    if (checkpoint / MODEL_DIR / "MLmodel").is_file():  # written by the trial (spec: mlflow.log_models)
+        log_trial_model(client, experiment_id, run_id, checkpoint / MODEL_DIR)
 
 
 # --------------------------------------------------------------------------- parent run
@@ -405,7 +412,7 @@ class StudyRun:
             self.run_id = existing_run_id
             client.update_run(existing_run_id, status="RUNNING")
             return existing_run_id
-        run = client.create_run(self.experiment_id, run_name=name, tags={STUDY_TAG: name, **tags})
+        run = client.create_run(self.experiment_id, run_name=name, tags={**system_tags(), STUDY_TAG: name, **tags})
         self.run_id = run.info.run_id
         client.log_batch(
             self.run_id,
@@ -630,7 +637,7 @@ class MlflowTrialLogger(Callback):
             if trial.checkpoint is not None and last.get("final"):
                 # as_directory: a checkpoint in an object store is fetched to a temporary folder.
                 with trial.checkpoint.as_directory() as directory:
-                    _log_trial_artifacts(self.client, run_id, Path(directory))
+                    _log_trial_artifacts(self.client, self.experiment_id, run_id, Path(directory))
             status = "FINISHED" if last.get("status") == "completed" else "FAILED"
             if not last.get("final"):
                 self.client.set_tag(run_id, "status", "stopped")
