@@ -160,7 +160,7 @@ def front_models(state: dict[str, Any], front: list[dict[str, Any]]) -> list[tup
         ConfigError: the store is unreachable, or a front trial has no logged model (nothing is
             registered then).
     """
-    from study.tracking import PARENT_TAG, TRIAL_ID_TAG, _client, check_reachable
+    from study.tracking.store import PARENT_TAG, TRIAL_ID_TAG, _client, check_reachable
 
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     if not front:
@@ -203,7 +203,7 @@ def register_models(uri: str, name: str, pairs: list[tuple[dict[str, Any], Any]]
     """
     from mlflow.exceptions import MlflowException
 
-    from study.tracking import _client
+    from study.tracking.store import _client
 
     client = _client(uri)
     try:

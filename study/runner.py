@@ -352,7 +352,11 @@ def run_study(
             from ray.tune.schedulers import ASHAScheduler
 
             scheduler = ASHAScheduler(
-                metric="epoch_val_accuracy", mode="max", time_attr="epoch", max_t=spec.training.epochs,
+                metric="epoch_val_accuracy", mode="max", time_attr="epoch",
+                # One past the last epoch: at max_t ASHA stops every trial, and a trial stopped on
+                # its last per-epoch report never sends its evaluated final report (no trial would
+                # ever complete). The rungs stay at grace * rf**k <= epochs.
+                max_t=spec.training.epochs + 1,
                 grace_period=spec.early_stopping.grace_epochs, reduction_factor=spec.early_stopping.reduction_factor,
             )
         tuner = tune.Tuner(
