@@ -70,6 +70,7 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
     # Seconds the trial spent in per-epoch reports: saving the checkpoint and waiting for the
     # driver (a function trainable's report blocks until the driver has processed the result).
     report_seconds = 0.0
+    last_epoch: dict[str, float] = {}
 
     def on_epoch(report: Any) -> None:
         nonlocal report_seconds
@@ -86,6 +87,7 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
             "trusted": 0,
             **{f"epoch_{k}": float(v) for k, v in report.metrics.items()},
         }
+        last_epoch.update({k: v for k, v in metrics.items() if k.startswith("epoch_")})
         with tempfile.TemporaryDirectory() as directory:
             torch.save(report.checkpoint, Path(directory) / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
@@ -110,6 +112,9 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
         "report_seconds": report_seconds,
         "flags_json": json.dumps(result.flags, default=float),
         **{f"robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
+        # The last epoch's numbers again: an early-stopping scheduler checks that every result
+        # carries its metric (Ray's strict check), the final one included.
+        **last_epoch,
     }
     from study.trial import save_trial
 

@@ -380,14 +380,14 @@ def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
         raise ConfigError(f"{source}: a study spec must be a mapping, got {type(data).__name__}")
     from study.storage import find_credential_key
 
+    try:
+        check_plain_data(data)  # first: it bounds the nesting the credential search then walks
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     secret = find_credential_key(data)
     if secret:
         raise ConfigError(f"{source}: {secret}: credentials do not belong in a spec; set them in the environment "
                           "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)")
-    try:
-        check_plain_data(data)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as err:

@@ -71,19 +71,28 @@ def validate_storage(value: str) -> str:
     return value.rstrip("/")
 
 
-def find_credential_key(data: Any, where: str = "") -> str | None:
-    """The dotted path of the first credential-looking key in a spec mapping, if any."""
+def find_credential_key(data: Any, where: str = "", _seen: set[int] | None = None) -> str | None:
+    """The dotted path of the first credential-looking key in a spec mapping, if any.
+
+    Each container is visited once: YAML aliases share them, and walking the expanded tree of an
+    alias bomb would never end.
+    """
+    seen = set() if _seen is None else _seen
+    if isinstance(data, (dict, list)):
+        if id(data) in seen:
+            return None
+        seen.add(id(data))
     if isinstance(data, dict):
         for key, value in data.items():
             path = f"{where}.{key}" if where else str(key)
             if isinstance(key, str) and CREDENTIAL_PATTERN.search(key):
                 return path
-            found = find_credential_key(value, path)
+            found = find_credential_key(value, path, seen)
             if found:
                 return found
     elif isinstance(data, list):
         for i, value in enumerate(data):
-            found = find_credential_key(value, f"{where}[{i}]")
+            found = find_credential_key(value, f"{where}[{i}]", seen)
             if found:
                 return found
     return None
