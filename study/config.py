@@ -214,11 +214,9 @@ class TrialConfig(_Strict):
     @field_validator("plugins")
     @classmethod
     def _load_plugins(cls, value: list[str]) -> list[str]:
-        from study.plugins import load_plugins, resolve_plugin
+        from study.plugins import load_plugin_field
 
-        refs = [resolve_plugin(ref) for ref in value]
-        load_plugins(refs)
-        return refs
+        return load_plugin_field(value)
 
     @field_validator("device")
     @classmethod

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["ENTRY_POINT_GROUP", "defense_names", "load_entry_points", "load_plugins", "resolve_plugin"]
+__all__ = ["ENTRY_POINT_GROUP", "defense_names", "load_entry_points", "load_plugin_field", "load_plugins", "resolve_plugin"]
 
 ENTRY_POINT_GROUP = "robust_study.defenses"
 
@@ -82,6 +82,17 @@ def load_plugins(refs: Iterable[str]) -> None:
             first = str(err).splitlines()[0] if str(err) else ""
             raise ValueError(f"plugin {ref!r} could not be loaded: {type(err).__name__}: {first}") from None
         _loaded.add(ref)
+
+
+def load_plugin_field(refs: list[str]) -> list[str]:
+    """A config's ``plugins:`` list: resolved, loaded, and returned as it will be recorded.
+
+    Shared by the trial config and the study spec, whose validators run it before they read a
+    defense name (field order), so a plug-in's defense is known there.
+    """
+    resolved = [resolve_plugin(ref) for ref in refs]
+    load_plugins(resolved)
+    return resolved
 
 
 def load_entry_points() -> None:

@@ -204,12 +204,9 @@ class StudySpec(_Strict):
     @field_validator("plugins")
     @classmethod
     def _load_plugins(cls, value: list[str]) -> list[str]:
-        # Validated before `defenses` (field order), so a plug-in's defense is known there.
-        from study.plugins import load_plugins, resolve_plugin
+        from study.plugins import load_plugin_field
 
-        refs = [resolve_plugin(ref) for ref in value]
-        load_plugins(refs)
-        return refs
+        return load_plugin_field(value)
 
     @field_validator("defenses", mode="before")
     @classmethod
