@@ -9,8 +9,19 @@ from typing import Any
 
 from study.spec import StudySpec
 
-FRONT_COLUMNS = ("number", "defense", "clean_accuracy", "robust_accuracy", "final_clean_accuracy",
-                 "final_robust_accuracy", "final_trusted", "trusted", "params")
+# val_: the search's numbers (validation split, search attacks); test_: the verification's (test
+# split, final attacks), empty when the trial was not verified (verified says why).
+FRONT_COLUMNS = ("number", "defense", "val_clean_accuracy", "val_robust_accuracy", "val_trusted",
+                 "test_clean_accuracy", "test_robust_accuracy", "test_trusted", "verified", "params")
+
+
+def verified_label(record: dict[str, Any]) -> str:
+    """``yes``; ``FAILED: <reason>`` for a front trial whose verification failed; ``no`` otherwise."""
+    if record.get("verified"):
+        return "yes"
+    if record.get("verified") is False:
+        return f"FAILED: {record.get('final_error') or 'verification failed'}"
+    return "no"
 
 
 def front_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -21,12 +32,13 @@ def front_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "number": r["number"],
                 "defense": r["defense"],
-                "clean_accuracy": r["clean_accuracy"],
-                "robust_accuracy": r["robust_accuracy"],
-                "final_clean_accuracy": final.get("clean_accuracy"),
-                "final_robust_accuracy": final.get("robust_accuracy"),
-                "final_trusted": final.get("trusted"),
-                "trusted": r["trusted"],
+                "val_clean_accuracy": r["val_clean_accuracy"],
+                "val_robust_accuracy": r["val_robust_accuracy"],
+                "val_trusted": r["trusted"],
+                "test_clean_accuracy": final.get("test_clean_accuracy"),
+                "test_robust_accuracy": final.get("test_robust_accuracy"),
+                "test_trusted": final.get("trusted"),
+                "verified": verified_label(r),
                 "params": json.dumps({k: v for k, v in r["params"].items() if k != "defense"}, sort_keys=True),
             }
         )
@@ -42,11 +54,12 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def hypervolume_series(spec: StudySpec, records: list[dict[str, Any]]) -> list[float]:
-    """Hypervolume of the trusted (clean, robust) front after each finished trial (reference 0, 0)."""
+    """Hypervolume of the trusted (clean, robust) search front after each finished trial (validation
+    numbers, reference 0, 0): how the search progressed, as the search saw it."""
     from study.pareto import hypervolume_history
 
     points = [
-        [r["clean_accuracy"], r["robust_accuracy"]] if r["status"] == "completed" and r["trusted"] else [0.0, 0.0]
+        [r["val_clean_accuracy"], r["val_robust_accuracy"]] if r["status"] == "completed" and r["trusted"] else [0.0, 0.0]
         for r in records
     ]
     return hypervolume_history(points, ["max", "max"], [0.0, 0.0]) if points else []
@@ -56,7 +69,7 @@ def write_study_artifacts(
     spec: StudySpec, records: list[dict[str, Any]], front: list[dict[str, Any]], final_front: list[dict[str, Any]]
 ) -> list[Path]:
     """Write everything into the study folder; returns the paths to log on the parent run."""
-    from study.export import export_document, write_export
+    from study.export import export_document, front_to_quote, write_export
     from study.plots import plot_front_html, plot_front_png, plot_hypervolume_png, plot_timeline_png
 
     d = spec.study_dir()
@@ -67,7 +80,9 @@ def write_study_artifacts(
     tmp.replace(trials)
     paths.append(trials)
     paths.append(write_csv(front_rows(front), d / "front.csv"))
-    paths.append(write_csv(front_rows(final_front), d / "front_final.csv"))
+    best = front_to_quote(records)
+    # The verified front plus, marked, the front trials whose verification failed.
+    paths.append(write_csv(front_rows(best), d / "front_final.csv"))
     title = f"{spec.name}: accuracy vs robustness ({len(records)} trials)"
     paths.append(Path(plot_front_png(records, d / "front.png", title=title, stage="search")))
     if any(r.get("final") for r in records):
@@ -81,7 +96,6 @@ def write_study_artifacts(
     paths.append(Path(plot_hypervolume_png(history, d / "hypervolume.png", title=f"{spec.name}: hypervolume")))
     if any(r.get("started_at") for r in records):
         paths.append(Path(plot_timeline_png(records, d / "timeline.png", title=f"{spec.name}: trials over time")))
-    best = final_front or front
     paths.append(write_export(export_document(spec, best), d / "best.yaml"))
     paths.append(d / "spec.yaml")
     paths.append(d / "search_space.json")

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("robust-study")
 
 EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_INCOMPLETE = 3
+"""The study finished but its front is incomplete: a front trial's verification failed."""
 
 
 def _pct(value: float) -> str:
@@ -32,11 +34,16 @@ def _pct(value: float) -> str:
 
 def format_trial_result(result: Any) -> str:
     """A short human summary of a TrialResult."""
+    split = getattr(result, "split", "val")
+    sizes = getattr(result, "split_sizes", {}) or {}
+    where = f"{sizes['evaluated']} {split} samples" if "evaluated" in sizes else f"the {split} split"
     lines = [
         f"status     {result.status}" + (f" ({result.reason})" if result.reason else ""),
         f"epochs     {result.epochs_run}   train {result.train_seconds:.1f}s   eval {result.eval_seconds:.1f}s",
-        f"clean      {_pct(result.clean_accuracy)}",
-        f"robust     {_pct(result.robust_accuracy)}   (per-sample worst case over the suite)",
+        f"split      {where}"
+        + (f"   (train {sizes.get('train')}, val {sizes.get('val')}, test {sizes.get('test')})" if sizes else ""),
+        f"clean      {_pct(result.clean_accuracy)}   ({split})",
+        f"robust     {_pct(result.robust_accuracy)}   ({split}; per-sample worst case over the suite)",
     ]
     for attack in result.attacks:
         settings = attack.get("settings", {})
@@ -113,8 +120,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.n is not None:
         update["n_samples"] = args.n
     eval_cfg = config.eval.model_copy(update=update)
-    result = reevaluate(args.dir, eval_cfg.model_dump(mode="json"))
-    print(f"clean  {_pct(result['clean_accuracy'])}\nrobust {_pct(result['robust_accuracy'])}")
+    result = reevaluate(args.dir, eval_cfg.model_dump(mode="json"), split=args.split)
+    split = result["split"]
+    print(f"split  {split} ({result['split_sizes']['evaluated']} samples)")
+    print(f"clean  {_pct(result[f'{split}_clean_accuracy'])}\nrobust {_pct(result[f'{split}_robust_accuracy'])}")
     for a in result["attacks"]:
         print(f"  {a['name']:<16} {_pct(a['accuracy'])}  {json.dumps(a.get('settings', {}))}")
     print(f"trusted {'yes' if result['trusted'] else 'NO'}")
@@ -186,18 +195,26 @@ def _spec_with(args: argparse.Namespace) -> Any:
 
 
 def format_front(records: list[dict[str, Any]], title: str) -> str:
-    """The front as a fixed-width table (search numbers and, where verified, final numbers)."""
-    header = f"{'#':>4}  {'defense':<10} {'clean':>7} {'robust':>7} {'final clean':>11} {'final robust':>12}  params"
+    """The front as a fixed-width table: validation numbers (search attacks) and, where verified,
+    test numbers (final attacks). A front trial whose verification failed says so in the test
+    columns; one never verified shows ``-`` there."""
+    header = (f"{'#':>4}  {'defense':<10} {'val clean':>9} {'val robust':>10} {'test clean':>10} "
+              f"{'test robust':>11}  params")
     lines = [title, header, "-" * len(header)]
     for r in records:
         final = r.get("final") or {}
         params = ", ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in sorted(r["params"].items()) if k != "defense")
-        fc = _pct(final["clean_accuracy"]) if final else "-"
-        fr = _pct(final["robust_accuracy"]) + ("" if final.get("trusted", True) else "!") if final else "-"
+        if final:
+            tc = _pct(final["test_clean_accuracy"])
+            tr = _pct(final["test_robust_accuracy"]) + ("" if final.get("trusted", True) else "!")
+        else:
+            tc, tr = ("UNVERIFIED", "") if r.get("verified") is False else ("-", "-")
         lines.append(
-            f"{r['number']:>4}  {r['defense']:<10} {_pct(r['clean_accuracy']):>7} {_pct(r['robust_accuracy']):>7} "
-            f"{fc:>11} {fr:>12}  {params}"
+            f"{r['number']:>4}  {r['defense']:<10} {_pct(r['val_clean_accuracy']):>9} "
+            f"{_pct(r['val_robust_accuracy']):>10} {tc:>10} {tr:>11}  {params}"
         )
+        if r.get("verified") is False:
+            lines.append(f"{'':>6}verification failed: {r.get('final_error') or 'unknown error'}")
     if not records:
         lines.append("  (no trusted completed trial)")
     return "\n".join(lines)
@@ -215,8 +232,15 @@ def _report_study(outcome: Any, spec: Any) -> None:
         f"\nstudy {spec.name}: {len(records)} trials ({done} completed, {len(records) - done} failed/stopped, "
         f"{untrusted} untrusted) in {outcome.seconds:.0f}s"
     )
-    print(format_front(outcome.front, f"\nPareto front (search attacks: {_attack_names(spec.search_eval)})"))
-    print(format_front(outcome.final_front, f"\nVerified front (final attacks: {_attack_names(spec.final_eval)})"))
+    from study.export import front_to_quote
+
+    print(format_front(outcome.front, f"\nSearch front (validation split; search attacks: "
+                                      f"{_attack_names(spec.search_eval)})"))
+    if spec.verify:
+        print(format_front(front_to_quote(records), f"\nVerified front (test split, untouched by the search; "
+                                                    f"final attacks: {_attack_names(spec.final_eval)}) — quote these"))
+    else:
+        print("\nNo verified front (verify: false): the numbers above are validation numbers of the search attacks")
     print(f"\nresults  {outcome.study_dir}  (front.png, front.html, front.csv, best.yaml)")
     print(f"MLflow   {outcome.tracking_uri}")
     storage = spec.storage if "://" in spec.storage else spec.study_dir().parent
@@ -241,13 +265,31 @@ def study_failure(records: Sequence[TrialRecord]) -> str | None:
     return f"no trial completed ({len(records)} trial(s) failed, diverged or were stopped)"
 
 
+def front_incomplete(records: Sequence[TrialRecord]) -> str | None:
+    """Why a study's verified front is incomplete (a front trial's verification failed), or None."""
+    failed = [r for r in records if r.get("verified") is False]
+    if not failed:
+        return None
+    which = ", ".join(f"#{r.get('number')} ({r.get('final_error') or 'unknown error'})" for r in failed)
+    return (f"the front is incomplete: {len(failed)} front trial(s) could not be verified on the test split: "
+            f"{which}; they are marked unverified in the front, front_final.csv and best.yaml")
+
+
+def study_exit_status(records: Sequence[TrialRecord]) -> tuple[int, str | None]:
+    """The exit status of a finished study and the line that explains it (None when it is 0)."""
+    problem = study_failure(records)
+    if problem is not None:
+        return EXIT_FAILED, problem
+    problem = front_incomplete(records)
+    return (EXIT_INCOMPLETE, problem) if problem is not None else (EXIT_OK, None)
+
+
 def _finish_study(args: argparse.Namespace, outcome: Any, spec: Any) -> int:
     _report_study(outcome, spec)
-    problem = study_failure(outcome.records)
-    if problem is None:
-        return EXIT_OK
-    print(f"robust-study {args.command}: {problem}", file=sys.stderr)
-    return EXIT_FAILED
+    status, problem = study_exit_status(outcome.records)
+    if problem is not None:
+        print(f"robust-study {args.command}: {problem}", file=sys.stderr)
+    return status
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -291,30 +333,36 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
+    from study.export import front_to_quote
     from study.runner import load_records
 
     state, records = load_records(args.storage, args.name)
-    stage = "final" if args.final else "search"
-    front = [r for r in records if r.get("on_final_front" if args.final else "on_front")]
-    print(format_front(front, f"study {args.name}: Pareto front ({stage} numbers), {len(records)} trials"))
+    if args.final:
+        front = front_to_quote(records)
+        title = "verified front (test split, final attacks)"
+    else:
+        front, title = [r for r in records if r.get("on_front")], "search front (validation split, search attacks)"
+    print(format_front(front, f"study {args.name}: {title}, {len(records)} trials"))
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from study.export import export_document, write_export
+    from study.export import export_document, front_to_quote, write_export
     from study.runner import load_records
     from study.spec import parse_spec
 
     state, records = load_records(args.storage, args.name)
     spec = parse_spec(state["spec"], source=args.name)
-    front = [r for r in records if r.get("on_final_front")] or [r for r in records if r.get("on_front")]
+    front = front_to_quote(records)
     if args.register is not None:  # every front model must be there before anything is written
         from study.mlflow_model import check_registry_name, front_models, register_models
 
         check_registry_name(args.register)
         models = front_models(state, front)
     out = write_export(export_document(spec, front), args.out)
-    print(f"wrote {len(front)} trial config(s) to {out}; run them with: robust-study trial {out} --out DIR")
+    unverified = sum(not (r.get("verified") and r.get("final")) for r in front)
+    print(f"wrote {len(front)} trial config(s) to {out}; run them with: robust-study trial {out} --out DIR"
+          + (f"\n{unverified} of them unverified (no test numbers; marked verified: false)" if unverified else ""))
     if args.register is not None:
         versions = register_models(state["tracking_uri"], args.register, models)
         print(f"registered {len(versions)} new version(s) of model {args.register!r} in {state['tracking_uri']}"
@@ -421,7 +469,9 @@ def build_parser() -> Parser:
     p.add_argument("--attack", required=True, choices=LazyChoices(_attack_table), metavar="NAME",
                    help="the attack: %(choices)s")
     p.add_argument("--eps", type=float, help="perturbation budget (default: the one the trial was evaluated at)")
-    p.add_argument("--n", type=count, help="number of test samples to attack (default: the trial's)")
+    p.add_argument("--n", type=count, help="number of samples to attack (default: the trial's)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the split to attack: test (held out, default) or val (the search's)")
 
     p = command("bench")
     p.add_argument("what", choices=BENCHMARKS, metavar="WHAT", help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))

@@ -1,8 +1,10 @@
 """Export a study's Pareto front as complete trial configs (plain YAML data, never code).
 
-The file is a mapping ``{study, objectives, trials: [{number, defense, metrics, config}]}``; each
-``config`` is exactly the trial config that produced the numbers (search attacks included), so
-``robust-study trial best.yaml --out DIR`` re-runs them as they are.
+The file is a mapping ``{study, objectives, verified, trials: [{number, defense, verified, metrics,
+config}]}``; each ``config`` is exactly the trial config that produced the numbers (search attacks
+included), so ``robust-study trial best.yaml --out DIR`` re-runs them as they are. ``metrics`` name
+their split: ``val_...`` the search's numbers, ``test_...`` the verification's (the ones to quote);
+a trial that was not verified has no ``test_...`` numbers and says why.
 """
 
 from __future__ import annotations
@@ -13,9 +15,19 @@ from typing import Any
 import yaml
 
 from study.config import ConfigError, parse_trial_config
+from study.records import FINAL_SPLIT, SEARCH_SPLIT, SPLIT_METRICS, labelled, stage_values
 from study.spec import StudySpec, trial_config_for
 
 EXPORT_KIND = "robust-study/front"
+
+
+def front_to_quote(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The front a study reports: the verified front, then the search-front trials whose
+    verification failed (marked ``verified: false``). When nothing was verified (``verify: false``)
+    the search front, every trial of it unverified; never search numbers in place of test ones."""
+    if any(r.get("verified") is not None for r in records):
+        return [r for r in records if r.get("on_final_front")] + [r for r in records if r.get("verified") is False]
+    return [r for r in records if r.get("on_front")]
 
 
 def export_document(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -23,19 +35,20 @@ def export_document(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str,
     trials = []
     for record in records:
         config = trial_config_for(spec, record["params"], name=f"{spec.name}-trial-{record['number']}")
-        metrics = {k: record[k] for k in spec.objectives if record.get(k) is not None}
-        if record.get("final"):
-            metrics.update({f"final_{k}": record["final"][k] for k in ("clean_accuracy", "robust_accuracy")})
-        trials.append(
-            {
-                "number": record["number"],
-                "defense": record["defense"],
-                "trusted": record["trusted"],
-                "metrics": metrics,
-                "config": config.model_dump(mode="json"),
-            }
-        )
-    return {"kind": EXPORT_KIND, "study": spec.name, "objectives": list(spec.objectives), "trials": trials}
+        search = stage_values(record, spec.objectives, "search")
+        metrics = {labelled(k, SEARCH_SPLIT): v for k, v in zip(spec.objectives, search, strict=True) if v is not None}
+        final = record.get("final")
+        entry: dict[str, Any] = {"number": record["number"], "defense": record["defense"],
+                                 "trusted": record["trusted"], "verified": bool(record.get("verified") and final)}
+        if entry["verified"]:
+            metrics.update({k: final[k] for k in (labelled(o, FINAL_SPLIT) for o in SPLIT_METRICS) if k in final})
+            entry["test_trusted"] = bool(final.get("trusted"))
+        else:
+            entry["not_verified"] = record.get("final_error") or (
+                "verification failed" if record.get("verified") is False else "verification did not run")
+        trials.append({**entry, "metrics": metrics, "config": config.model_dump(mode="json")})
+    return {"kind": EXPORT_KIND, "study": spec.name, "objectives": list(spec.objectives),
+            "verified": bool(trials) and all(t["verified"] for t in trials), "trials": trials}
 
 
 def write_export(document: dict[str, Any], out: str | Path) -> Path:

@@ -247,26 +247,27 @@ def front_of_records(
 ) -> list[int]:
     """Indices of the trial records on the Pareto front: the one rule every table and plot uses.
 
-    Candidates are completed, trusted trials (a trial that failed an integrity gate is never on
-    the front). With ``stage="final"`` and some re-evaluated records, only those compete, at
-    their final numbers (objectives the final evaluation does not measure, such as training
-    cost, keep the search value), and they must be trusted at both stages: a cheap attack's
-    optimistic numbers must not dominate strong-attack numbers.
+    ``objectives`` are the spec's names (``clean_accuracy``); the values are read per stage
+    (:func:`study.records.stage_values`). Candidates are completed, trusted trials (a trial that
+    failed an integrity gate is never on the front). ``stage="search"`` compares the validation
+    numbers of the search attacks. ``stage="final"`` compares only verified records, at their test
+    numbers (objectives the final evaluation does not measure, such as training cost, keep the
+    search value), trusted at both stages; without any verified record it is empty: search numbers
+    never stand in for verified ones.
     """
+    from study.records import stage_values
+
     if stage not in ("search", "final"):
         raise ValueError(f"stage {stage!r} must be 'search' or 'final'")
-    final_stage = stage == "final" and any(r.get("final") for r in records)
     indices, points = [], []
     for i, r in enumerate(records):
         if r.get("status") != "completed" or not r.get("trusted"):
             continue
-        values: Mapping[str, Any] = r
-        if final_stage:
+        if stage == "final":
             final = r.get("final")
             if not final or not final.get("trusted"):
                 continue
-            values = {**r, **final}
-        point = [values.get(o) for o in objectives]
+        point = stage_values(r, objectives, stage)
         if any(v is None or not math.isfinite(float(v)) for v in point):
             continue
         indices.append(i)

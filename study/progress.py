@@ -10,7 +10,8 @@ from ray.tune import Callback
 
 
 class ProgressLine(Callback):
-    """Prints one line per finished trial: done/running/failed and the best trusted numbers so far."""
+    """Prints one line per finished trial: done/running/failed and the best trusted numbers so far,
+    all on the validation split (what the search sees; the test split waits for verification)."""
 
     def __init__(self, total: int, directions: list[str]) -> None:
         self.total = total
@@ -25,7 +26,7 @@ class ProgressLine(Callback):
 
     def _line(self, trials: list, text: str) -> None:
         running = sum(1 for t in trials if t.status == "RUNNING")
-        best = "  ".join(f"best {k.split('_')[0]} {100 * v:.1f}%" for k, v in self.best.items())
+        best = "  ".join(f"best val {k.split('_')[1]} {100 * v:.1f}%" for k, v in self.best.items())
         elapsed = time.monotonic() - self.start
         print(
             f"[{self.done + self.failed:>3}/{self.total}] {elapsed:6.0f}s  done {self.done}  running {running}  "
@@ -40,12 +41,12 @@ class ProgressLine(Callback):
         if result.get("final") and result.get("status") == "completed":
             self.done += 1
             if result.get("trusted"):
-                for key in ("clean_accuracy", "robust_accuracy"):
+                for key in ("val_clean_accuracy", "val_robust_accuracy"):
                     self.best[key] = max(self.best.get(key, 0.0), float(result.get(key, 0.0)))
             mark = "" if result.get("trusted") else " UNTRUSTED"
             text = (
-                f"{defense}: clean {100 * result['clean_accuracy']:.1f}% robust "
-                f"{100 * result['robust_accuracy']:.1f}%{mark}"
+                f"{defense}: val clean {100 * result['val_clean_accuracy']:.1f}% robust "
+                f"{100 * result['val_robust_accuracy']:.1f}%{mark}"
             )
         else:
             self.failed += 1

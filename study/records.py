@@ -13,21 +13,61 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypedDict
 
-__all__ = ["FinalNumbers", "TrialRecord", "failed_gates", "is_trusted", "trial_outcome"]
+__all__ = [
+    "FINAL_SPLIT",
+    "SEARCH_SPLIT",
+    "FinalNumbers",
+    "TrialRecord",
+    "failed_gates",
+    "is_trusted",
+    "labelled",
+    "stage_values",
+    "trial_outcome",
+]
 
 Status = Literal["completed", "diverged", "failed", "stopped"]
 
+SEARCH_SPLIT = "val"
+"""Every number a search decision sees (Optuna, early stopping, the progress line) is measured here."""
+FINAL_SPLIT = "test"
+"""The held-out split only the verification of the front reads."""
+SPLIT_METRICS = ("clean_accuracy", "robust_accuracy")
+"""Objectives measured on a split (costs such as train_seconds are not)."""
+
+
+def labelled(name: str, split: str) -> str:
+    """The stored name of a metric measured on ``split``: ``val_clean_accuracy``; costs unchanged.
+
+    Search numbers and verified numbers never share a key, so one can never pass for the other.
+    """
+    return f"{split}_{name}" if name in SPLIT_METRICS else name
+
+
+def stage_values(record: Mapping[str, Any], objectives: Iterable[str], stage: str) -> list[Any]:
+    """A record's objective values at ``stage``: ``search`` (validation split, search attacks) or
+    ``final`` (test split, final attacks; costs stay the search's). None where a value is missing."""
+    if stage == "search":
+        return [record.get(labelled(o, SEARCH_SPLIT)) for o in objectives]
+    if stage != "final":
+        raise ValueError(f"stage {stage!r} must be 'search' or 'final'")
+    final = record.get("final") or {}
+    return [final.get(labelled(o, FINAL_SPLIT)) if o in SPLIT_METRICS else record.get(o) for o in objectives]
+
 
 class FinalNumbers(TypedDict, total=False):
-    """The strong re-evaluation of a front trial (``record["final"]``)."""
+    """The strong re-evaluation of a front trial on the test split (``record["final"]``)."""
 
-    clean_accuracy: float
-    robust_accuracy: float
+    split: str
+    """Always ``test``."""
+    test_clean_accuracy: float
+    test_robust_accuracy: float
     trusted: bool
+    flags: list[dict[str, Any]]
     flags_failed: list[str]
     attacks: list[dict[str, Any]]
+    split_sizes: dict[str, int]
+    """Samples in train, val and test, and how many of the test split were attacked (``evaluated``)."""
     seconds: float
-    error: str
 
 
 class TrialRecord(TypedDict, total=False):
@@ -50,12 +90,20 @@ class TrialRecord(TypedDict, total=False):
     started_at: float | None
     ended_at: float | None
     report_seconds: float | None
-    clean_accuracy: float | None
-    robust_accuracy: float | None
+    val_clean_accuracy: float | None
+    """Search number: validation split, search attacks (what Optuna saw)."""
+    val_robust_accuracy: float | None
+    split_sizes: dict[str, int] | None
+    """Samples in train, val and test, and how many of the val split the search attacked."""
     train_seconds: float | None
     eval_seconds: float | None
     num_parameters: float | None
-    final: FinalNumbers
+    final: FinalNumbers | None
+    """The verification on the test split; None when it was tried and failed (see final_error)."""
+    final_error: str
+    verified: bool | None
+    """True: verified on the test split; False: on the search front but its verification failed;
+    None: not verified (not on the search front, or ``verify: false``)."""
     on_front: bool
     on_final_front: bool
 

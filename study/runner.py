@@ -21,7 +21,7 @@ from typing import Any
 
 from study.config import ConfigError
 from study.ray_cluster import RayTarget, resolve_address, validate_target
-from study.records import TrialRecord, trial_outcome
+from study.records import SEARCH_SPLIT, TrialRecord, labelled, trial_outcome
 from study.spec import StudySpec, trial_config_for
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
                 resume = torch.load(state_file, map_location="cpu", weights_only=True)
                 resumed_from = int(resume.get("epoch", 0))
 
-    placeholders = {o: 0.0 for o in spec.objectives}
+    placeholders = {labelled(o, SEARCH_SPLIT): 0.0 for o in spec.objectives}
     # Seconds the trial spent in per-epoch reports: saving the checkpoint and waiting for the
     # driver (a function trainable's report blocks until the driver has processed the result).
     report_seconds = 0.0
@@ -79,8 +79,8 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
             **placeholders,
             # Every report carries every objective (Ray's strict metric check); the searcher
             # only ever tells Optuna the final one.
-            "clean_accuracy": float(report.metrics.get("val_accuracy", 0.0)),
-            "robust_accuracy": float(report.metrics.get("val_robust_accuracy", 0.0)),
+            "val_clean_accuracy": float(report.metrics.get("val_accuracy", 0.0)),
+            "val_robust_accuracy": float(report.metrics.get("val_robust_accuracy", 0.0)),
             "epoch": report.epoch,
             "final": 0,
             "status": "running",
@@ -94,9 +94,12 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
         report_seconds += time.perf_counter() - t0
 
     result = run_trial(config, on_epoch=on_epoch, resume=resume, data=data)
+    split = result.split  # val: the spec requires a validation split
     final = {
-        "clean_accuracy": result.clean_accuracy,
-        "robust_accuracy": result.robust_accuracy,
+        labelled("clean_accuracy", split): result.clean_accuracy,
+        labelled("robust_accuracy", split): result.robust_accuracy,
+        "split": split,
+        "split_sizes_json": json.dumps(result.split_sizes),
         "train_seconds": result.train_seconds,
         "num_parameters": float(result.num_parameters),
         "eval_seconds": result.eval_seconds,
@@ -111,7 +114,7 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
         "ended_at": time.time(),
         "report_seconds": report_seconds,
         "flags_json": json.dumps(result.flags, default=float),
-        **{f"robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
+        **{f"{split}_robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
         # The last epoch's numbers again: an early-stopping scheduler checks that every result
         # carries its metric (Ray's strict check), the final one included.
         **last_epoch,
@@ -124,7 +127,8 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
             from study.data import eval_tensors
             from study.mlflow_model import save_trial_model
 
-            example, _ = eval_tensors(data.test, 2, seed=config.seed)
+            # An input example from the validation split: the test split is read by verification only.
+            example, _ = eval_tensors(data.val if data.val is not None else data.train, 2, seed=config.seed)
             seconds = save_trial_model(directory, example, stochastic=result.stochastic)
             if seconds is not None:
                 final["model_seconds"] = seconds
@@ -431,8 +435,10 @@ def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
             "ended_at": metrics.get("ended_at") if final else None,
             "report_seconds": metrics.get("report_seconds") if final else None,
         }
-        for objective in ("clean_accuracy", "robust_accuracy", "train_seconds", "eval_seconds", "num_parameters"):
+        for objective in ("val_clean_accuracy", "val_robust_accuracy", "train_seconds", "eval_seconds",
+                          "num_parameters"):
             record[objective] = float(metrics.get(objective, 0.0)) if final else None  # type: ignore[literal-required]
+        record["split_sizes"] = json.loads(metrics.get("split_sizes_json") or "null") if final else None
         records.append(record)
     records.sort(key=lambda r: (r["finished_at"] or 0, r["trial_id"]))
     for number, record in enumerate(records):
@@ -459,7 +465,8 @@ def front_records(records: list[dict[str, Any]], objectives: list[str], directio
 
 
 def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any) -> tuple[list, list]:
-    """Verify the front with the strong attacks, recompute it, write and log the artifacts."""
+    """Verify the front with the strong attacks on the test split, recompute it, write and log the
+    artifacts, and put each verified trial's test numbers on its MLflow run."""
     from study.artifacts import write_study_artifacts
     from study.searcher import close_orphaned_optuna_trials
     from study.verify import verify_front
@@ -472,7 +479,9 @@ def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any)
     for record in records:
         record["on_front"] = record in front
         record["on_final_front"] = record in final_front
+        record.setdefault("verified", None)
     paths = write_study_artifacts(spec, records, front, final_front)
+    study_run.log_verification(records)
     study_run.log_artifacts(paths)
     study_run.log_metrics(
         {
@@ -480,6 +489,7 @@ def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any)
             "trials_failed": sum(r["status"] not in ("completed",) for r in records),
             "front_size": len(front),
             "final_front_size": len(final_front),
+            "front_unverified": sum(r.get("verified") is False for r in records),
         }
     )
     study_run.finish()

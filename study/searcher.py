@@ -1,8 +1,9 @@
 """The study's Optuna side: sampler, Ray's OptunaSearch adapter, and the Optuna study it keeps.
 
 The Optuna study lives in ``<study_dir>/optuna.db`` and is meant to be read by people too
-(``optuna-dashboard sqlite:///.../optuna.db``): it carries the objective names, and every trial
-says which defense it ran and how it ended (``defense``, ``status``, ``trusted``,
+(``optuna-dashboard sqlite:///.../optuna.db``): it carries the objective names
+(``val_clean_accuracy``, ...: the search sees validation numbers only), and every trial says which
+defense it ran and how it ended (``defense``, ``status``, ``trusted``,
 ``failed_gates`` user attributes, named as in trials.json).
 """
 
@@ -12,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from study.records import trial_outcome
+from study.records import SEARCH_SPLIT, labelled, trial_outcome
 from study.spec import StudySpec
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ def label_trial(ot_trial: Any, result: dict[str, Any] | None, error: bool) -> No
                     "snapshot); its attributes are left as they were", ot_trial.number)
 
 
+def search_metrics(spec: StudySpec) -> list[str]:
+    """Optuna's objective names: the spec's objectives as measured on the validation split
+    (``val_clean_accuracy``, ``val_robust_accuracy``, then any cost), as every report carries them."""
+    return [labelled(o, SEARCH_SPLIT) for o in spec.objectives]
+
+
 def make_searcher(spec: StudySpec, study_dir: Path, enqueue: list[dict[str, Any]] | None = None) -> Any:
     """OptunaSearch over the conditional space; only final, completed results reach Optuna.
 
@@ -85,7 +92,7 @@ def make_searcher(spec: StudySpec, study_dir: Path, enqueue: list[dict[str, Any]
     # Given a space, OptunaSearch creates (or, on a rerun, loads) the Optuna study right here.
     searcher = FinalResultsOptunaSearch(
         space=space.suggest,
-        metric=list(spec.objectives),
+        metric=search_metrics(spec),
         mode=list(spec.directions),
         points_to_evaluate=(space.paper_default_configs() if enqueue is None else enqueue)[: spec.num_trials],
         sampler=make_sampler(spec),
@@ -94,7 +101,7 @@ def make_searcher(spec: StudySpec, study_dir: Path, enqueue: list[dict[str, Any]
     )
     # Without names, optuna-dashboard shows "Objective 0/1". A resumed study restores its
     # searcher from Tune's snapshot instead and finds the names already stored.
-    searcher._ot_study.set_metric_names(list(spec.objectives))
+    searcher._ot_study.set_metric_names(search_metrics(spec))
     return searcher
 
 

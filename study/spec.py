@@ -181,7 +181,8 @@ class StudySpec(_Strict):
     verify: bool = True
     """Re-evaluate the front with final_eval. Off: the front stands on the search attacks alone."""
     objectives: list[str] = Field(default_factory=lambda: ["clean_accuracy", "robust_accuracy"])
-    """Objectives: clean_accuracy, robust_accuracy (max) and optionally train_seconds or num_parameters (min)."""
+    """Objectives: clean_accuracy, robust_accuracy (max) and optionally train_seconds or num_parameters (min).
+    The search optimises them on the validation split (Optuna's names: val_clean_accuracy, ...)."""
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     num_trials: int = Field(24, ge=1, le=MAX_TRIALS)
     """Trials to run, paper defaults (enqueued first) included."""
@@ -276,6 +277,16 @@ class StudySpec(_Strict):
         if not self.defenses and not self.include_baseline:
             raise ValueError("nothing to search: list defenses or set include_baseline: true")
         return self
+
+    @field_validator("data")
+    @classmethod
+    def _has_validation_split(cls, value: DataConfig) -> DataConfig:
+        if value.val_fraction <= 0:
+            # The search is scored on validation samples; without them it would read the test
+            # split that the verification of the front must find untouched.
+            raise ValueError("val_fraction: a study scores trials on the validation split; must be > 0 "
+                             "and < 0.5 (default 0.15)")
+        return value
 
     @property
     def directions(self) -> list[str]:

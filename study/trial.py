@@ -21,7 +21,7 @@ from defenses import build_model
 from study.config import ConfigError, TrialConfig, dump_trial_config, load_trial_config
 from study.data import DataBundle, eval_tensors, load_data
 from study.evaluate import evaluate
-from study.records import failed_gates
+from study.records import FINAL_SPLIT, SEARCH_SPLIT, failed_gates
 from study.train import EpochReport, fit
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class TrialResult:
     status: str
     """completed | diverged."""
     clean_accuracy: float
+    """On the split named by ``split``."""
     robust_accuracy: float
     trusted: bool
     """All gating integrity checks passed (docs/evaluation.md)."""
@@ -48,6 +49,11 @@ class TrialResult:
     epochs_run: int = 0
     reason: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    split: str = "val"
+    """The split the accuracies were measured on: ``val`` (the search's), or ``test`` when the
+    config has no validation split (data.val_fraction: 0)."""
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    """Samples in train, val and test, and how many of ``split`` were attacked (``evaluated``)."""
     num_parameters: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
@@ -105,6 +111,23 @@ def runtime_defense_params(config: TrialConfig) -> dict[str, Any]:
     return params
 
 
+def split_sizes(bundle: DataBundle) -> dict[str, int]:
+    """Samples in each split of ``bundle`` (0 for a missing validation split)."""
+    return {
+        name: 0 if part is None else len(part)  # type: ignore[arg-type]
+        for name, part in (("train", bundle.train), ("val", bundle.val), ("test", bundle.test))
+    }
+
+
+def search_split(bundle: DataBundle) -> tuple[str, Any]:
+    """The split a trial is scored on: validation, so that the test split stays untouched until the
+    front is verified. Without one (data.val_fraction: 0) the test split, named as such."""
+    if bundle.val is not None and len(bundle.val) > 0:  # type: ignore[arg-type]
+        return SEARCH_SPLIT, bundle.val
+    log.warning("no validation split (data.val_fraction: 0): the trial is scored on the test split")
+    return FINAL_SPLIT, bundle.test
+
+
 def run_trial(
     config: TrialConfig,
     *,
@@ -113,6 +136,9 @@ def run_trial(
     data: DataBundle | None = None,
 ) -> TrialResult:
     """Train the configured model, attack it with the configured suite and check the attacks.
+
+    The attacks run on the validation split (:func:`search_split`): a trial's numbers are what a
+    search decides on, and the test split is kept for the verification of the front.
 
     Args:
         config: the validated trial configuration.
@@ -144,11 +170,15 @@ def run_trial(
         resume=resume,
         num_workers=config.data.num_workers,
     )
+    split, eval_set = search_split(bundle)
+    x, y = eval_tensors(eval_set, config.eval.n_samples, seed=config.seed)
     common = dict(
         epochs_run=fit_result.epochs_run,
         history=fit_result.history,
         num_parameters=num_parameters,
         train_seconds=fit_result.seconds,
+        split=split,
+        split_sizes={**split_sizes(bundle), "evaluated": len(y)},
     )
     if fit_result.status != "completed":
         log.warning("trial %s %s: %s", config.name, fit_result.status, fit_result.reason)
@@ -162,7 +192,6 @@ def run_trial(
             **common,
         )
 
-    x, y = eval_tensors(bundle.test, config.eval.n_samples, seed=config.seed)
     evaluation = evaluate(
         model,
         x.to(device),

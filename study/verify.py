@@ -1,9 +1,12 @@
 """Search cheap, verify strong: re-evaluate the front's trials with the final (strong) attacks.
 
-Trials were scored with a cheap attack so many fit the budget; the few on the front are attacked
-again with the spec's ``final_eval`` suite (AutoAttack by default), as Ray tasks with the trial's
-resources so a cluster's GPUs do the work. The numbers land in each record's ``final`` entry and
-the caller recomputes the front on them.
+Trials were scored with a cheap attack on the validation split so many fit the budget; the few on
+the front are attacked again with the spec's ``final_eval`` suite (AutoAttack by default) on the
+held-out test split, which no search decision has seen, as Ray tasks with the trial's resources so
+a cluster's GPUs do the work. The numbers land in each record's ``final`` entry (``test_...``
+keys) and the caller recomputes the front on them. A verification that fails leaves
+``final: None`` and ``verified: False``: the record is marked, never quietly scored by its
+search numbers.
 """
 
 from __future__ import annotations
@@ -11,34 +14,43 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from study.records import FINAL_SPLIT, SEARCH_SPLIT, labelled
 from study.spec import StudySpec
 
 log = logging.getLogger(__name__)
 
 
-def reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """Attack a saved trial's model with another evaluation config; plain-dict result.
+def reevaluate(
+    trial_dir: str, eval_data: dict[str, Any], device: str = "cpu", split: str = FINAL_SPLIT
+) -> dict[str, Any]:
+    """Attack a saved trial's model with another evaluation config on ``split`` (``test`` or
+    ``val``); plain-dict result whose accuracies are named after the split (``test_clean_accuracy``).
 
     ``trial_dir`` may be an object-store URI (a remote study's checkpoint): it is fetched first.
     """
     from study.storage import local_copy
 
+    if split not in (FINAL_SPLIT, SEARCH_SPLIT):
+        raise ValueError(f"split {split!r} must be {FINAL_SPLIT!r} or {SEARCH_SPLIT!r}")
     with local_copy(trial_dir) as directory:
-        return _reevaluate(directory, eval_data, device)
+        return _reevaluate(directory, eval_data, device, split)
 
 
-def _reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    from study.config import EvalConfig, load_trial_config
+def _reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str, split: str) -> dict[str, Any]:
+    from study.config import ConfigError, EvalConfig, load_trial_config
     from study.data import eval_tensors, load_data
     from study.evaluate import evaluate
     from study.records import failed_gates
-    from study.trial import load_model, runtime_defense_params
+    from study.trial import load_model, runtime_defense_params, split_sizes
 
     config = load_trial_config(f"{trial_dir}/config.yaml")
     eval_cfg = EvalConfig.model_validate(eval_data)
     model = load_model(trial_dir, device=device)
     bundle = load_data(config.data, seed=config.seed)
-    x, y = eval_tensors(bundle.test, eval_cfg.n_samples, seed=config.seed)
+    dataset = bundle.test if split == FINAL_SPLIT else bundle.val
+    if dataset is None:
+        raise ConfigError(f"{trial_dir}: the trial has no {split} split (data.val_fraction: 0)")
+    x, y = eval_tensors(dataset, eval_cfg.n_samples, seed=config.seed)
     result = evaluate(
         model,
         x.to(device),
@@ -51,19 +63,29 @@ def _reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str = "cpu") 
         seed=config.seed,
     )
     return {
-        "clean_accuracy": result.clean_accuracy,
-        "robust_accuracy": result.robust_accuracy,
+        "split": split,
+        labelled("clean_accuracy", split): result.clean_accuracy,
+        labelled("robust_accuracy", split): result.robust_accuracy,
         "trusted": result.trusted,
+        "flags": result.flags,
         "flags_failed": failed_gates(result.flags),
         "attacks": result.attacks,
+        "split_sizes": {**split_sizes(bundle), "evaluated": len(y)},
         "seconds": result.seconds,
     }
 
 
 def verify_front(spec: StudySpec, front: list[dict[str, Any]]) -> None:
-    """Fill ``record['final']`` for every front record (in place), in parallel on Ray."""
+    """Fill ``record['final']`` and ``record['verified']`` for every front record (in place), in
+    parallel on Ray. A failed verification sets ``final: None``, ``verified: False`` and
+    ``final_error``."""
     import ray
 
+    for record in front:
+        if record.get("final"):
+            record["verified"] = True
+        elif not record.get("checkpoint"):
+            record.update(final=None, verified=False, final_error="no saved model to verify")
     todo = [r for r in front if r.get("checkpoint") and not r.get("final")]
     if not todo:
         return
@@ -74,7 +96,9 @@ def verify_front(spec: StudySpec, front: list[dict[str, Any]]) -> None:
     for record, ref in zip(todo, refs):
         try:
             record["final"] = ray.get(ref)
+            record["verified"] = True
         except Exception as err:  # noqa: BLE001 - one failed verification must not lose the study
             log.warning("final evaluation of trial %s failed: %s", record["trial_id"], err)
             record["final"] = None
+            record["verified"] = False
             record["final_error"] = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

@@ -173,8 +173,8 @@ def _tune_result(number: int, *, metrics: dict, error: Exception | None = None) 
 
 
 def _final(status: str, **extra) -> dict:
-    return {"final": 1, "status": status, "trusted": status == "completed", "clean_accuracy": 0.9,
-            "robust_accuracy": 0.4, "train_seconds": 1.0, "eval_seconds": 0.5, "num_parameters": 1000,
+    return {"final": 1, "status": status, "trusted": status == "completed", "val_clean_accuracy": 0.9,
+            "val_robust_accuracy": 0.4, "train_seconds": 1.0, "eval_seconds": 0.5, "num_parameters": 1000,
             "reason": "" if status == "completed" else "loss became nan", **extra}
 
 

@@ -42,7 +42,7 @@ def test_hundred_trials_are_each_recorded_once_and_the_front_is_right(tmp_path: 
     assert not any(t.state.name == "RUNNING" for t in ot.trials)
     # Optuna's completed values are the recorded numbers, trial for trial (as multisets).
     told = sorted(tuple(round(v, 9) for v in t.values) for t in ot.trials if t.state.name == "COMPLETE")
-    recorded = sorted((round(r["clean_accuracy"], 9), round(r["robust_accuracy"], 9)) for r in trusted)
+    recorded = sorted((round(r["val_clean_accuracy"], 9), round(r["val_robust_accuracy"], 9)) for r in trusted)
     assert told == recorded
 
     client = MlflowClient(tracking_uri=mlflow_server.uri)
@@ -53,10 +53,11 @@ def test_hundred_trials_are_each_recorded_once_and_the_front_is_right(tmp_path: 
     assert {c.data.tags["robust_study.trial_id"] for c in children} == {r["trial_id"] for r in records}
 
     # The front: non-dominated among trusted completed trials, by the plain definition.
-    points = [(r["clean_accuracy"], r["robust_accuracy"]) for r in trusted]
+    points = [(r["val_clean_accuracy"], r["val_robust_accuracy"]) for r in trusted]
     expected = {trusted[i]["trial_id"] for i in pareto_front(points, ["max", "max"])}
     assert {r["trial_id"] for r in records if r["on_front"]} == expected
     for r in records:
         if r["on_front"]:
-            assert not any(a >= r["clean_accuracy"] and b >= r["robust_accuracy"] and (a, b) != (r["clean_accuracy"], r["robust_accuracy"])
+            assert not any(a >= r["val_clean_accuracy"] and b >= r["val_robust_accuracy"]
+                           and (a, b) != (r["val_clean_accuracy"], r["val_robust_accuracy"])
                            for a, b in points)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import MlflowServer, free_port, write_spec
 
-STUDY_FIELDS = ("clean_accuracy", "robust_accuracy")
+STUDY_FIELDS = ("val_clean_accuracy", "val_robust_accuracy")
 PARENT_ARTIFACTS = {"front.csv", "front.png", "front.html", "best.yaml"}
 
 
@@ -178,7 +178,7 @@ class FakeTrial:
         (ckpt / "model.pt").write_bytes(b"weights")
         self.checkpoint = type("Ckpt", (), {"path": str(ckpt)})()
         flags = [{"id": "R1", "passed": True}]
-        return self.report({"final": 1, "status": "completed", "clean_accuracy": 0.9, "robust_accuracy": 0.5,
+        return self.report({"final": 1, "status": "completed", "val_clean_accuracy": 0.9, "val_robust_accuracy": 0.5,
                             "epoch": 2, "epochs_run": 2, "trusted": 1, "flags_json": json.dumps(flags)})
 
 
@@ -233,7 +233,7 @@ def test_logger_buffers_an_outage_and_replays_each_trial_once(tmp_path: Path, mo
     assert sorted(r.data.tags["robust_study.trial_id"] for r in children) == ["aaaa0001", "bbbb0002"]
     for run in children:
         assert run.info.status == "FINISHED"
-        assert run.data.metrics["clean_accuracy"] == 0.9 and run.data.tags["flag.R1"] == "pass"
+        assert run.data.metrics["val_clean_accuracy"] == 0.9 and run.data.tags["flag.R1"] == "pass"
         history = client.get_metric_history(run.info.run_id, "epoch_val_accuracy")
         assert sorted(m.step for m in history) == [1, 2]  # a's epoch 1 was logged live AND replayed: once
         assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["model.pt"]

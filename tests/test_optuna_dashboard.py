@@ -20,7 +20,7 @@ ATTRS = ("defense", "status", "trusted", "failed_gates")
 
 def _final(status: str, trusted: bool, flags: list[dict[str, Any]]) -> dict[str, Any]:
     """A trial's final report as the trainable sends it (only what the searcher reads)."""
-    return {"clean_accuracy": 0.9, "robust_accuracy": 0.6, "train_seconds": 3.0, "final": 1, "status": status,
+    return {"val_clean_accuracy": 0.9, "val_robust_accuracy": 0.6, "train_seconds": 3.0, "final": 1, "status": status,
             "trusted": int(trusted), "flags_json": json.dumps(flags)}
 
 
@@ -37,7 +37,7 @@ OUTCOMES: dict[str, tuple[dict[str, Any] | None, bool, str, str, bool, list[str]
     "trusted": (_final("completed", True, PASSING), False, "COMPLETE", "completed", True, []),
     "untrusted": (_final("completed", False, FAILING), False, "FAIL", "completed", False, ["R8"]),
     "diverged": (_final("diverged", False, []), False, "FAIL", "diverged", False, []),
-    "stopped": ({"clean_accuracy": 0.5, "robust_accuracy": 0.1, "train_seconds": 1.0, "final": 0,
+    "stopped": ({"val_clean_accuracy": 0.5, "val_robust_accuracy": 0.1, "train_seconds": 1.0, "final": 0,
                  "status": "running", "trusted": 0}, False, "PRUNED", "stopped", False, []),
     "raised": (None, True, "FAIL", "failed", False, []),
 }
@@ -63,14 +63,15 @@ def test_completion_hook_labels_optuna_trials_and_names_objectives(
         searcher.on_trial_complete(name, result=result, error=raised)
 
     study = optuna.load_study(study_name="hook", storage=optuna_storage_url(study_dir))
-    assert study.metric_names == spec.objectives
+    # Named after the split they are measured on: the search never sees test numbers.
+    assert study.metric_names == ["val_clean_accuracy", "val_robust_accuracy", "train_seconds"]
     for name, (result, _, state, status, trusted, gates) in OUTCOMES.items():
         trial = study.trials[searcher._ot_trials[name].number]
         assert trial.state.name == state, name
         assert trial.user_attrs == {"defense": configs[name]["defense"], "status": status, "trusted": trusted,
                                     "failed_gates": gates}, name
         if state == "COMPLETE":
-            assert trial.values == [result[o] for o in spec.objectives]
+            assert trial.values == [result[o] for o in study.metric_names]
 
     # A trial told before the driver was killed and Tune's snapshot lost that: resumed, the hook
     # finds it finished. It warns and leaves the trial alone instead of failing the study.
@@ -100,7 +101,9 @@ def dashboard_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert code == 0, driver.output[-3000:]
     study_dir = tmp / "results" / "dash"
     state = json.loads((study_dir / "study.json").read_text())
-    return {"study_dir": study_dir, "name": "dash", "objectives": state["spec"]["objectives"],
+    # Optuna's objectives are the spec's, as measured on the validation split (val_...).
+    objectives = [f"val_{o}" if o.endswith("accuracy") else o for o in state["spec"]["objectives"]]
+    return {"study_dir": study_dir, "name": "dash", "objectives": objectives,
             "records": json.loads((study_dir / "trials.json").read_text())}
 
 

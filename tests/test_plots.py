@@ -21,8 +21,8 @@ def _rec(number, clean, robust, *, defense="kap", trusted=True, status="complete
         "number": number,
         "defense": defense,
         "params": {"kernel_size": 3, "noise_std": 0.1},
-        "clean_accuracy": clean,
-        "robust_accuracy": robust,
+        "val_clean_accuracy": clean,
+        "val_robust_accuracy": robust,
         "trusted": trusted,
         "status": status,
         "flags_failed": list(flags),
@@ -91,12 +91,12 @@ def test_front_indices_respects_directions():
 def test_final_stage_front_uses_final_numbers_and_final_trust():
     recs = [
         # Search: both on the front. Final (strong attack): 0 collapses and is dominated by 1.
-        _rec(0, 0.90, 0.60, final={"clean_accuracy": 0.90, "robust_accuracy": 0.05,
+        _rec(0, 0.90, 0.60, final={"test_clean_accuracy": 0.90, "test_robust_accuracy": 0.05,
                                    "trusted": True}),
-        _rec(1, 0.95, 0.50, final={"clean_accuracy": 0.95, "robust_accuracy": 0.45,
+        _rec(1, 0.95, 0.50, final={"test_clean_accuracy": 0.95, "test_robust_accuracy": 0.45,
                                    "trusted": True}),
         # Best final numbers but failed a gate at the final stage.
-        _rec(2, 0.85, 0.55, final={"clean_accuracy": 0.96, "robust_accuracy": 0.50,
+        _rec(2, 0.85, 0.55, final={"test_clean_accuracy": 0.96, "test_robust_accuracy": 0.50,
                                    "trusted": False}),
         # Not re-evaluated: its optimistic search numbers must not compete with final numbers.
         _rec(3, 0.99, 0.99),
@@ -105,8 +105,10 @@ def test_final_stage_front_uses_final_numbers_and_final_trust():
     assert plots.front_indices(recs, stage="final") == [1]
 
 
-def test_final_stage_without_final_numbers_falls_back_to_search(records):
-    assert plots.front_indices(records, stage="final") == plots.front_indices(records)
+def test_final_stage_without_final_numbers_is_empty_never_the_search_front(records):
+    # Search numbers never stand in for verified ones: nothing verified, no verified front.
+    assert plots.front_indices(records) != []
+    assert plots.front_indices(records, stage="final") == []
 
 
 def test_staircase_max_max_corners_lie_below_left():
@@ -178,9 +180,9 @@ def test_plot_front_png_writes_png_and_creates_dirs(tmp_path, records):
 
 def test_plot_front_png_final_stage(tmp_path):
     recs = [
-        _rec(0, 0.90, 0.60, final={"clean_accuracy": 0.90, "robust_accuracy": 0.05,
+        _rec(0, 0.90, 0.60, final={"test_clean_accuracy": 0.90, "test_robust_accuracy": 0.05,
                                    "trusted": True}),
-        _rec(1, 0.95, 0.50, final={"clean_accuracy": 0.94, "robust_accuracy": 0.45,
+        _rec(1, 0.95, 0.50, final={"test_clean_accuracy": 0.94, "test_robust_accuracy": 0.45,
                                    "trusted": True}),
         _rec(2, 0.70, 0.30),
     ]
@@ -214,11 +216,11 @@ def test_plot_front_html_empty(tmp_path):
 
 
 def test_plot_front_html_final_stage(tmp_path):
-    recs = [_rec(0, 0.90, 0.60, final={"clean_accuracy": 0.91, "robust_accuracy": 0.30,
+    recs = [_rec(0, 0.90, 0.60, final={"test_clean_accuracy": 0.91, "test_robust_accuracy": 0.30,
                                        "trusted": True})]
     text = plots.plot_front_html(recs, tmp_path / "f.html", title="f", stage="final").read_text()
-    assert "search → final attack" in text or "search \\u2192 final attack" in text
-    assert "search 60.00%" in text
+    assert "search (val) → final (test)" in text or "search (val) \\u2192 final (test)" in text
+    assert "test clean accuracy: 91.00% (search, val: 90.00%)" in text
 
 
 def test_plot_hypervolume_png(tmp_path):

@@ -131,5 +131,5 @@ def test_a_study_with_the_plugin_runs_end_to_end_in_a_fresh_process(tmp_path: Pa
     toy = [r for r in records if r["defense"] == "toy_clip"]
     assert toy and all(r["status"] == "completed" for r in toy), records
     assert {r["defense"] for r in records} == {"none", "toy_clip"}
-    assert all(0.0 <= r["robust_accuracy"] <= r["clean_accuracy"] <= 1.0 for r in toy)
+    assert all(0.0 <= r["val_robust_accuracy"] <= r["val_clean_accuracy"] <= 1.0 for r in toy)
     assert (tmp_path / "results" / "toy" / "front.png").stat().st_size > 0

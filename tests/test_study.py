@@ -46,7 +46,7 @@ def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> 
     spec = tiny_spec(tmp_path)
     proc = cli("run", str(spec), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Pareto front" in proc.stdout and "Verified front" in proc.stdout
+    assert "Search front" in proc.stdout and "Verified front" in proc.stdout
 
     study_dir = tmp_path / "results" / "tiny"
     records = json.loads((study_dir / "trials.json").read_text())
@@ -56,7 +56,7 @@ def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> 
     completed = [r for r in records if r["status"] == "completed"]
     assert completed, records
     for r in completed:
-        assert 0.0 <= r["robust_accuracy"] <= r["clean_accuracy"] <= 1.0
+        assert 0.0 <= r["val_robust_accuracy"] <= r["val_clean_accuracy"] <= 1.0
     front = [r for r in records if r["on_front"]]
     assert front and all(r["trusted"] for r in front)
     assert all(r.get("final") for r in front), "front trials were not re-evaluated with the final attacks"
@@ -71,7 +71,7 @@ def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> 
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert len(finished) == len(completed)
     for child in finished:
-        assert "clean_accuracy" in child.data.metrics and "robust_accuracy" in child.data.metrics
+        assert "val_clean_accuracy" in child.data.metrics and "val_robust_accuracy" in child.data.metrics
         assert any(k.startswith("flag.") for k in child.data.tags)
         assert child.data.params["defense"] in ("none", "kap", "kwta")
     from mlflow.tracking import MlflowClient
@@ -113,8 +113,8 @@ def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> 
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     rerun_result = json.loads((tmp_path / "rerun" / "result.json").read_text())
     # Same config, same seed, same CPU: the exported trial reproduces its search numbers.
-    assert rerun_result["clean_accuracy"] == pytest.approx(first["metrics"]["clean_accuracy"], abs=1e-9)
-    assert rerun_result["robust_accuracy"] == pytest.approx(first["metrics"]["robust_accuracy"], abs=1e-9)
+    assert rerun_result["clean_accuracy"] == pytest.approx(first["metrics"]["val_clean_accuracy"], abs=1e-9)
+    assert rerun_result["robust_accuracy"] == pytest.approx(first["metrics"]["val_robust_accuracy"], abs=1e-9)
 
 
 def test_resume_after_driver_killed_finishes_without_duplicates(tmp_path: Path) -> None:

@@ -66,8 +66,8 @@ def audit_study(spec: StudySpec, tracking_uri: str) -> dict[str, Any]:
         r["trial_id"] for r in records
         if r["status"] == "completed" and (
             r["trial_id"] not in by_id
-            or abs(by_id[r["trial_id"]].data.metrics.get("clean_accuracy", -1) - r["clean_accuracy"]) > 1e-9
-            or abs(by_id[r["trial_id"]].data.metrics.get("robust_accuracy", -1) - r["robust_accuracy"]) > 1e-9
+            or abs(by_id[r["trial_id"]].data.metrics.get("val_clean_accuracy", -1) - r["val_clean_accuracy"]) > 1e-9
+            or abs(by_id[r["trial_id"]].data.metrics.get("val_robust_accuracy", -1) - r["val_robust_accuracy"]) > 1e-9
         )
     ]
     recomputed = sorted(records[i]["trial_id"] for i in front_of_records(records, spec.objectives, spec.directions))

@@ -235,7 +235,10 @@ def bench_overhead(num_trials: int = 16, concurrency: int = 2, epochs: int = 3,
     completed = [r for r in records if r["status"] == "completed"]
     if len(completed) != num_trials:
         raise RuntimeError(f"study completed {len(completed)} of {num_trials} trials: {[r['status'] for r in records]}")
-    matched, difference = _max_difference(completed, loop_results)
+    # The study's records name their (validation) numbers by split; the loops' results do not.
+    study_results = [{"params": r["params"], "clean_accuracy": r["val_clean_accuracy"],
+                      "robust_accuracy": r["val_robust_accuracy"]} for r in completed]
+    matched, difference = _max_difference(study_results, loop_results)
     pool_matched, pool_difference = _max_difference(pool_results, loop_results)
     m = {
         "num_trials": num_trials,

@@ -113,11 +113,15 @@ def _scaled(objective: str, value: Any, where: str) -> float | None:
 
 
 def _pair(
-    source: Mapping[str, Any], objectives: tuple[str, str], where: str
+    record: Mapping[str, Any], objectives: tuple[str, str], where: str, stage: str = "search"
 ) -> tuple[float, float] | None:
-    """Both plotted objective values of a record or its "final" dict; None if one is missing."""
-    x = _scaled(objectives[0], source.get(objectives[0]), where)
-    y = _scaled(objectives[1], source.get(objectives[1]), where)
+    """Both plotted objective values of a record at ``stage`` (validation numbers for the search,
+    test numbers for the final stage: study.records.stage_values); None if one is missing."""
+    from study.records import stage_values
+
+    vx, vy = stage_values(record, objectives, stage)
+    x = _scaled(objectives[0], vx, where)
+    y = _scaled(objectives[1], vy, where)
     return None if x is None or y is None else (x, y)
 
 
@@ -162,7 +166,7 @@ def _points(
         trusted = bool(r.get("trusted", False))
         final = r.get("final") if use_final else None
         if final:
-            final_vals = _pair(final, objectives, f"{where} final")
+            final_vals = _pair(r, objectives, f"{where} final", "final")
             if final_vals is not None:
                 # A trial must pass the gates at both stages to be trusted at the final stage.
                 final_trusted = trusted and bool(final.get("trusted", False))
@@ -241,8 +245,10 @@ def _skipped_note(skipped: Counter[str]) -> str:
     return ", ".join(f"{skipped[k]} {k}" for k in order if skipped.get(k))
 
 
-def _axis_label(objective: str) -> str:
-    label = objective.replace("_", " ")
+def _axis_label(objective: str, stage: str = "search") -> str:
+    from study.records import FINAL_SPLIT, SEARCH_SPLIT, labelled
+
+    label = labelled(objective, FINAL_SPLIT if stage == "final" else SEARCH_SPLIT).replace("_", " ")
     return f"{label} (%)" if _is_fraction(objective) else label
 
 

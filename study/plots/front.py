@@ -77,9 +77,10 @@ def plot_front_png(
     fig = Figure(figsize=(8.0, 5.6), dpi=150, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title)
-    suffix = " — final evaluation" if final_stage else ""
-    ax.set_xlabel(_axis_label(objectives[0]) + suffix)
-    ax.set_ylabel(_axis_label(objectives[1]) + suffix)
+    suffix = " — final attacks" if final_stage else " — search attacks"
+    shown = "final" if final_stage else "search"
+    ax.set_xlabel(_axis_label(objectives[0], shown) + suffix)
+    ax.set_ylabel(_axis_label(objectives[1], shown) + suffix)
     for i, (axis, obj) in enumerate(((ax.xaxis, objectives[0]), (ax.yaxis, objectives[1]))):
         if _is_fraction(obj):
             axis.set_major_formatter(PercentFormatter(xmax=100, decimals=_percent_decimals([p.values[i] for p in points])))
@@ -122,7 +123,7 @@ def plot_front_png(
                                 arrowprops={"arrowstyle": "->", "color": "0.45", "alpha": 0.45,
                                             "linewidth": 0.9, "shrinkA": 2, "shrinkB": 4})
             handles.append(Line2D([], [], color="0.45", alpha=0.6, marker=r"$\rightarrow$",
-                                  markersize=10, linestyle="", label="search → final attack"))
+                                  markersize=10, linestyle="", label="search (val) → final (test)"))
             if any(not p.reevaluated for p in points):
                 handles.append(Line2D([], [], linestyle="", marker="o", color="0.5", alpha=0.3,
                                       markersize=7, label="not re-evaluated (search numbers)"))
@@ -184,9 +185,10 @@ def _hover(p: _Point, objectives: tuple[str, str], on_front: bool) -> str:
              f"defense: {esc(str(r.get('defense', '?')))}"]
     for k, obj in enumerate(objectives):
         unit = "%" if _is_fraction(obj) else ""
-        line = f"{esc(obj.replace('_', ' '))}: {p.values[k]:.2f}{unit}"
+        split = "test" if p.reevaluated else "val"
+        line = f"{split} {esc(obj.replace('_', ' '))}: {p.values[k]:.2f}{unit}"
         if p.search_values is not None:
-            line += f" (search {p.search_values[k]:.2f}{unit})"
+            line += f" (search, val: {p.search_values[k]:.2f}{unit})"
         lines.append(line)
     lines.append("params: " + esc(_params_text(r.get("params"), ", ")))
     flags = r.get("flags_failed") or []
@@ -265,7 +267,7 @@ def plot_front_html(
             if p.reevaluated and p.search_values is not None:
                 ax_ += [p.search_values[0], p.values[0], None]
                 ay_ += [p.search_values[1], p.values[1], None]
-        fig.add_trace(go.Scatter(x=ax_, y=ay_, mode="lines", name="search → final attack",
+        fig.add_trace(go.Scatter(x=ax_, y=ay_, mode="lines", name="search (val) → final (test)",
                                  line={"color": "rgba(110,110,110,0.45)", "width": 1},
                                  hoverinfo="skip"))
     if front:
@@ -283,12 +285,13 @@ def plot_front_html(
                         "xref": "paper", "yref": "paper", "x": 0.0, "y": -0.14,
                         "xanchor": "left", "showarrow": False,
                         "font": {"size": 11, "color": "gray"}})
-    suffix = " — final evaluation" if final_stage else ""
+    suffix = " — final attacks" if final_stage else " — search attacks"
+    shown = "final" if final_stage else "search"
     fig.update_layout(
         title={"text": html.escape(title)},
-        xaxis={"title": {"text": _axis_label(objectives[0]) + suffix},
+        xaxis={"title": {"text": _axis_label(objectives[0], shown) + suffix},
                "ticksuffix": "%" if _is_fraction(objectives[0]) else ""},
-        yaxis={"title": {"text": _axis_label(objectives[1]) + suffix},
+        yaxis={"title": {"text": _axis_label(objectives[1], shown) + suffix},
                "ticksuffix": "%" if _is_fraction(objectives[1]) else ""},
         annotations=annotations, template="plotly_white", hovermode="closest",
         legend={"title": {"text": "defense"}},

@@ -45,6 +45,7 @@ class StudyRun:
         self.run_id: str | None = None
         self._pending_artifacts: list[Path] = []
         self._pending_metrics: dict[str, float] = {}
+        self._pending_verification: list[dict[str, Any]] = []
         self._warned = False
 
     def start(self, name: str, existing_run_id: str | None, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -70,6 +71,11 @@ class StudyRun:
         self._pending_artifacts += [Path(p) for p in paths if Path(p).exists()]
         self._flush_parent()
 
+    def log_verification(self, records: list[dict[str, Any]]) -> None:
+        """Put the verification of the front (test numbers, flags, split sizes) on each trial's run."""
+        self._pending_verification += [r for r in records if r.get("verified") is not None]
+        self._flush_parent()
+
     def log_metrics(self, metrics: dict[str, float]) -> None:
         self._pending_metrics.update({k: float(v) for k, v in metrics.items() if _finite(v)})
         self._flush_parent()
@@ -78,10 +84,17 @@ class StudyRun:
         """Log what is pending on the parent run; False (and kept pending) when that fails."""
         from mlflow.entities import Metric
 
-        if not (self._pending_artifacts or self._pending_metrics):
+        if not (self._pending_artifacts or self._pending_metrics or self._pending_verification):
             return True
         try:
             client = _client(self.uri)
+            if self._pending_verification:
+                from study.tracking.replay import _Runs
+                from study.tracking.verification import log_verification
+
+                runs = _Runs(client, str(self.experiment_id), str(self.run_id), self.name)
+                log_verification(runs, self._pending_verification)
+                self._pending_verification = []
             while self._pending_artifacts:
                 client.log_artifact(self.run_id, str(self._pending_artifacts[0]))
                 self._pending_artifacts.pop(0)

@@ -62,6 +62,9 @@ def sync_study(study_dir: Path) -> SyncReport:
     if records and parent.info.status != "FINISHED":
         from mlflow.entities import Metric
 
+        from study.tracking.verification import log_verification
+
+        log_verification(runs, records)
         for artifact in PARENT_ARTIFACTS:
             if (study_dir / artifact).is_file():
                 client.log_artifact(parent_run_id, str(study_dir / artifact))
@@ -71,6 +74,7 @@ def sync_study(study_dir: Path) -> SyncReport:
             "trials_failed": sum(r.get("status") != "completed" for r in records),
             "front_size": sum(bool(r.get("on_front")) for r in records),
             "final_front_size": sum(bool(r.get("on_final_front")) for r in records),
+            "front_unverified": sum(r.get("verified") is False for r in records),
         }
         client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
         client.set_terminated(parent_run_id, "FINISHED")

@@ -24,7 +24,7 @@ def result_metrics(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     step = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
     stamp = int(result.get("timestamp") or time.time()) * 1000
     if result.get("final"):
-        names = [k for k in result if k.startswith(("clean_", "robust_", "final_"))] + [
+        names = [k for k in result if k.startswith(("val_", "test_", "final_"))] + [
             "train_seconds", "eval_seconds", "num_parameters", "epochs_run", "trusted", "model_seconds",
         ]
     else:
@@ -36,6 +36,12 @@ def result_metrics(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         tags.append(RunTag("trusted", str(bool(result.get("trusted")))))
         for flag in json.loads(result.get("flags_json", "[]") or "[]"):
             tags.append(RunTag(f"flag.{flag['id']}", "pass" if flag.get("passed") else "FAIL"))
+        if result.get("split"):
+            tags.append(RunTag("search_split", str(result["split"])))
+        sizes = json.loads(result.get("split_sizes_json") or "{}")
+        tags += [RunTag(f"split.{name}", str(size)) for name, size in sizes.items() if name != "evaluated"]
+        if "evaluated" in sizes:
+            tags.append(RunTag(f"{result.get('split', 'val')}_samples_attacked", str(sizes["evaluated"])))
         if result.get("reason"):
             tags.append(RunTag("reason", str(result["reason"])[:5000]))
     return metrics, tags
