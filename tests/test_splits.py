@@ -20,19 +20,42 @@ from study import cli
 from study.records import labelled, stage_values
 
 
-def _record(number: int, val: tuple[float, float], *, test: tuple[float, float] | None = None,
-            verified: bool | None = None, error: str = "", trusted: bool = True) -> dict[str, Any]:
+def _record(
+    number: int,
+    val: tuple[float, float],
+    *,
+    test: tuple[float, float] | None = None,
+    verified: bool | None = None,
+    error: str = "",
+    trusted: bool = True,
+) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "trial_id": f"t{number}", "number": number, "defense": "kwta", "params": {"defense": "kwta", "kwta.gamma": 0.1},
-        "status": "completed", "trusted": trusted, "flags_failed": [], "checkpoint": f"/ckpt/{number}",
-        "val_clean_accuracy": val[0], "val_robust_accuracy": val[1], "train_seconds": 1.0, "verified": verified,
+        "trial_id": f"t{number}",
+        "number": number,
+        "defense": "kwta",
+        "params": {"defense": "kwta", "kwta.gamma": 0.1},
+        "status": "completed",
+        "trusted": trusted,
+        "flags_failed": [],
+        "checkpoint": f"/ckpt/{number}",
+        "val_clean_accuracy": val[0],
+        "val_robust_accuracy": val[1],
+        "train_seconds": 1.0,
+        "verified": verified,
         "finished_at": 1000.0 + number,
     }
     if test is not None:
-        record["final"] = {"split": "test", "test_clean_accuracy": test[0], "test_robust_accuracy": test[1],
-                           "trusted": True, "flags": [{"id": "R8", "gate": True, "passed": True}],
-                           "flags_failed": [], "attacks": [{"name": "autoattack", "accuracy": test[1]}],
-                           "split_sizes": {"train": 1144, "val": 203, "test": 450, "evaluated": 200}, "seconds": 2.0}
+        record["final"] = {
+            "split": "test",
+            "test_clean_accuracy": test[0],
+            "test_robust_accuracy": test[1],
+            "trusted": True,
+            "flags": [{"id": "R8", "gate": True, "passed": True}],
+            "flags_failed": [],
+            "attacks": [{"name": "autoattack", "accuracy": test[1]}],
+            "split_sizes": {"train": 1144, "val": 203, "test": 450, "evaluated": 200},
+            "seconds": 2.0,
+        }
     elif verified is False:
         record.update(final=None, final_error=error or "worker died")
     return record
@@ -64,8 +87,10 @@ def test_final_front_is_empty_without_verified_trials_never_the_search_front() -
     assert front_of_records(records, objectives, directions, "final") == []
     # Verified numbers decide the final front, not the search's: #1 is better on validation, #0
     # on test.
-    records = [_record(0, (0.9, 0.4), test=(0.9, 0.35), verified=True),
-               _record(1, (0.95, 0.5), test=(0.85, 0.30), verified=True)]
+    records = [
+        _record(0, (0.9, 0.4), test=(0.9, 0.35), verified=True),
+        _record(1, (0.95, 0.5), test=(0.85, 0.30), verified=True),
+    ]
     assert front_of_records(records, objectives, directions) == [1]
     assert front_of_records(records, objectives, directions, "final") == [0]
 
@@ -76,8 +101,7 @@ def test_failed_verification_is_marked_in_table_csv_and_export_and_sets_the_exit
     from study.spec import load_spec
 
     good = {**_record(0, (0.9, 0.4), test=(0.88, 0.35), verified=True), "on_front": True, "on_final_front": True}
-    bad = {**_record(1, (0.8, 0.6), verified=False, error="ray worker died"), "on_front": True,
-           "on_final_front": False}
+    bad = {**_record(1, (0.8, 0.6), verified=False, error="ray worker died"), "on_front": True, "on_final_front": False}
     off = {**_record(2, (0.5, 0.1)), "on_front": False, "on_final_front": False}
     records = [good, bad, off]
 
@@ -99,8 +123,12 @@ def test_failed_verification_is_marked_in_table_csv_and_export_and_sets_the_exit
     by_number = {t["number"]: t for t in document["trials"]}
     assert document["verified"] is False
     assert by_number[0]["verified"] is True
-    assert by_number[0]["metrics"] == {"val_clean_accuracy": 0.9, "val_robust_accuracy": 0.4,
-                                       "test_clean_accuracy": 0.88, "test_robust_accuracy": 0.35}
+    assert by_number[0]["metrics"] == {
+        "val_clean_accuracy": 0.9,
+        "val_robust_accuracy": 0.4,
+        "test_clean_accuracy": 0.88,
+        "test_robust_accuracy": 0.35,
+    }
     assert by_number[1]["verified"] is False and by_number[1]["not_verified"] == "ray worker died"
     assert set(by_number[1]["metrics"]) == {"val_clean_accuracy", "val_robust_accuracy"}
 
@@ -116,8 +144,10 @@ def test_every_verification_failed_gives_an_unverified_front_not_the_search_numb
     from study.export import export_document, front_to_quote
     from study.spec import load_spec
 
-    records = [{**_record(0, (0.9, 0.4), verified=False), "on_front": True, "on_final_front": False},
-               {**_record(1, (0.5, 0.1)), "on_front": False, "on_final_front": False}]
+    records = [
+        {**_record(0, (0.9, 0.4), verified=False), "on_front": True, "on_final_front": False},
+        {**_record(1, (0.5, 0.1)), "on_front": False, "on_final_front": False},
+    ]
     front = front_to_quote(records)
     assert [r["number"] for r in front] == [0]
     document = export_document(load_spec("demo"), front)
@@ -157,7 +187,11 @@ def test_verification_goes_on_the_trial_run_labelled_test() -> None:
     tag = {t.key: t.value for t in tags}
     assert tag["verified"] == "true" and tag["test_flag.R8"] == "pass" and tag["test_trusted"] == "True"
     assert (tag["split.train"], tag["split.val"], tag["split.test"], tag["test_samples_attacked"]) == (
-        "1144", "203", "450", "200")
+        "1144",
+        "203",
+        "450",
+        "200",
+    )
 
     metrics, tags = verification_entries(_record(1, (0.9, 0.4), verified=False, error="timeout"))
     assert metrics == [] and {t.key: t.value for t in tags} == {"verified": "false", "verification_error": "timeout"}
@@ -194,11 +228,13 @@ def test_a_trial_is_scored_on_the_validation_split_and_never_reads_the_test_spli
     from study.data import load_data
     from study.trial import run_trial
 
-    config = TrialConfig.model_validate({
-        "data": {"train_subset": 200},
-        "training": {"epochs": 1},
-        "eval": {"n_samples": 30, "attacks": [{"name": "pgd", "steps": 2}], "eps_curve": [], "check_samples": 10},
-    })
+    config = TrialConfig.model_validate(
+        {
+            "data": {"train_subset": 200},
+            "training": {"epochs": 1},
+            "eval": {"n_samples": 30, "attacks": [{"name": "pgd", "steps": 2}], "eps_curve": [], "check_samples": 10},
+        }
+    )
     bundle = load_data(config.data, seed=config.seed)
     assert isinstance(bundle.val, TensorDataset)
     bundle.test = _Untouchable(len(bundle.test))  # type: ignore[arg-type]
@@ -252,10 +288,13 @@ def _study_spec(tmp_path: Path, data_dir: Path) -> Path:
         "defenses": ["kwta"],
         "include_baseline": True,
         "training": {"epochs": 1, "batch_size": 64},
-        "search_eval": {"n_samples": 60, "attacks": [{"name": "pgd", "steps": 3}], "eps_curve": [],
-                        "check_samples": 30},
-        "final_eval": {"n_samples": 60, "attacks": [{"name": "pgd", "steps": 5}], "eps_curve": [],
-                       "check_samples": 20},
+        "search_eval": {
+            "n_samples": 60,
+            "attacks": [{"name": "pgd", "steps": 3}],
+            "eps_curve": [],
+            "check_samples": 30,
+        },
+        "final_eval": {"n_samples": 60, "attacks": [{"name": "pgd", "steps": 5}], "eps_curve": [], "check_samples": 20},
         # After the two enqueued paper defaults TPE proposes from the told (validation) numbers, so
         # the parameter sequence is itself a search decision that test numbers must not move.
         "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
@@ -276,14 +315,24 @@ def _run_study(tmp_path: Path, poison: bool) -> dict[str, Any]:
     data = _digits_tree(tmp_path / "data", poison)
     spec = _study_spec(tmp_path, data)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "study", "run", str(spec), "--quiet"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "study", "run", str(spec), "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     study_dir = tmp_path / "results" / "split"
     ot = optuna.load_study(study_name="split", storage=f"sqlite:///{study_dir / 'optuna.db'}")
     records = json.loads((study_dir / "trials.json").read_text())
-    return {"stdout": proc.stdout, "records": records, "optuna": ot,
-            "optuna_trials": [(t.number, t.params, t.state.name, t.values) for t in ot.trials]}
+    return {
+        "stdout": proc.stdout,
+        "records": records,
+        "optuna": ot,
+        "optuna_trials": [(t.number, t.params, t.state.name, t.values) for t in ot.trials],
+    }
 
 
 @pytest.mark.slow
@@ -299,8 +348,17 @@ def test_poisoned_test_split_changes_no_search_decision_only_the_test_numbers(tm
     assert len(clean["optuna_trials"]) == 4
 
     def search_view(records: list[dict[str, Any]]) -> list[tuple]:
-        return sorted((json.dumps(r["params"], sort_keys=True), r["status"], r["trusted"], r["val_clean_accuracy"],
-                       r["val_robust_accuracy"], r["on_front"]) for r in records)
+        return sorted(
+            (
+                json.dumps(r["params"], sort_keys=True),
+                r["status"],
+                r["trusted"],
+                r["val_clean_accuracy"],
+                r["val_robust_accuracy"],
+                r["on_front"],
+            )
+            for r in records
+        )
 
     assert search_view(clean["records"]) == search_view(poisoned["records"])
     for r in clean["records"]:
@@ -309,9 +367,14 @@ def test_poisoned_test_split_changes_no_search_decision_only_the_test_numbers(tm
 
     # Only the verification reads the test split, and it sees the poison: same models, other numbers.
     def test_numbers(records: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-        return {json.dumps(r["params"], sort_keys=True): (r["final"]["test_clean_accuracy"],
-                                                            r["final"]["test_robust_accuracy"])
-                for r in records if r.get("verified")}
+        return {
+            json.dumps(r["params"], sort_keys=True): (
+                r["final"]["test_clean_accuracy"],
+                r["final"]["test_robust_accuracy"],
+            )
+            for r in records
+            if r.get("verified")
+        }
 
     clean_test, poisoned_test = test_numbers(clean["records"]), test_numbers(poisoned["records"])
     assert clean_test and clean_test.keys() == poisoned_test.keys(), (clean["stdout"], poisoned["stdout"])
@@ -334,9 +397,13 @@ def test_study_run_puts_the_verification_on_each_trial_run(tmp_path: Path) -> No
     parent = study.start("verify", None, params={}, tags={"description": ""})
     runs = _Runs(MlflowClient(tracking_uri=uri), str(study.experiment_id), parent, "verify")
     ids = {n: runs.run_id(f"t{n}") for n in range(3)}  # the runs the trials logged while running
-    study.log_verification([_record(0, (0.9, 0.4), test=(0.88, 0.35), verified=True),
-                            _record(1, (0.8, 0.6), verified=False, error="worker died"),
-                            _record(2, (0.5, 0.1))])
+    study.log_verification(
+        [
+            _record(0, (0.9, 0.4), test=(0.88, 0.35), verified=True),
+            _record(1, (0.8, 0.6), verified=False, error="worker died"),
+            _record(2, (0.5, 0.1)),
+        ]
+    )
     study.finish()
     client = MlflowClient(tracking_uri=uri)
     verified, failed, untried = (client.get_run(ids[n]).data for n in range(3))
