@@ -527,4 +527,10 @@ def load_records(storage: str, name: str) -> tuple[dict[str, Any], list[dict[str
         raise ConfigError(f"no study {name!r} under {where} (run it with: robust-study run SPEC)")
     if not trials_file.is_file():
         raise ConfigError(f"study {name!r} has no results yet (still running, or resume it: robust-study resume {name})")
-    return json.loads(state_file.read_text()), json.loads(trials_file.read_text())
+    records = json.loads(trials_file.read_text())
+    if any("clean_accuracy" in r and "val_clean_accuracy" not in r for r in records):
+        # Before the three splits every number was measured on the test split, search and
+        # verification alike: relabelling them would be exactly the selection bias they carry.
+        raise ConfigError(f"study {name!r} was recorded before search and verification used separate splits "
+                          "(its numbers are not labelled val_/test_); run it again")
+    return json.loads(state_file.read_text()), records

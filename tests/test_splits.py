@@ -412,3 +412,17 @@ def test_study_run_puts_the_verification_on_each_trial_run(tmp_path: Path) -> No
     assert "test_clean_accuracy" not in failed.metrics
     assert failed.tags["verified"] == "false" and failed.tags["verification_error"] == "worker died"
     assert "verified" not in untried.tags
+
+
+def test_a_study_recorded_before_the_splits_is_refused_not_relabelled(tmp_path: Path) -> None:
+    from study.config import ConfigError
+    from study.runner import load_records
+
+    study_dir = tmp_path / "old"
+    study_dir.mkdir()
+    (study_dir / "study.json").write_text(json.dumps({"spec": {}}))
+    (study_dir / "trials.json").write_text(json.dumps([{"clean_accuracy": 0.9, "robust_accuracy": 0.4}]))
+    with pytest.raises(ConfigError, match="before search and verification used separate splits"):
+        load_records(str(tmp_path), "old")
+    (study_dir / "trials.json").write_text(json.dumps([_record(0, (0.9, 0.4))]))
+    assert load_records(str(tmp_path), "old")[1][0]["val_clean_accuracy"] == 0.9
