@@ -475,7 +475,7 @@ def build_parser() -> Parser:
 
     p = command("bench")
     p.add_argument("what", choices=BENCHMARKS, metavar="WHAT", help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
-    p.add_argument("--n", type=count, default=200, help="defenses: test samples to attack (default 200)")
+    p.add_argument("--n", type=count, default=200, help="defenses: validation samples to attack (default 200)")
     p.add_argument("--epochs", type=count, help="defenses: epochs per trial (default: the demo's); "
                    "search: epochs per trial (2); overhead: epochs per trial (3)")
     p.add_argument("--batch", type=count, default=128, help="layers: batch size (default 128)")
