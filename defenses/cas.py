@@ -35,6 +35,7 @@ __all__ = [
     "ChannelActivationSuppression",
     "cas_aux_logits",
     "cas_aux_loss",
+    "cas_joint_ce",
     "cas_labels",
     "cas_modules",
 ]
@@ -218,16 +219,43 @@ def cas_aux_loss(model: nn.Module, labels: Tensor) -> Tensor:
     return total / len(logits)
 
 
+def cas_joint_ce(logits: Tensor, aux_logits: list[Tensor], labels: Tensor, beta: float) -> Tensor:
+    """Per-sample CAS loss ``CE(main) + beta/S * sum_s CE(aux_s)``, the quantity attacks ascend.
+
+    Bai et al.'s Algorithm 1 generates the training examples with PGD on this loss (model in eval
+    mode, so every site reweights by its predicted class); their white-box evaluation attacks it
+    too. One function serves both, so training and evaluation cannot drift apart.
+
+    Args:
+        logits: main-head logits (N, K).
+        aux_logits: the S auxiliary logits (N, K_s) of the same forward (:func:`cas_aux_logits`);
+            empty gives plain CE.
+        labels: class indices (N,).
+        beta: weight of the auxiliary mean.
+
+    Shape:
+        logits (N, K), aux_logits S x (N, K_s), labels (N,) -> (N,)
+    """
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    if aux_logits:
+        aux = torch.stack([F.cross_entropy(a, labels, reduction="none") for a in aux_logits])
+        loss = loss + beta * aux.mean(dim=0)
+    return loss
+
+
 # --------------------------------------------------------------------------- registration
 
 CAS_BETA = 2.0
 """Weight of the auxiliary loss when a config gives none (Bai et al.'s default under AT)."""
-CAS_PLACEMENTS: dict[str, int] = {"last": 1, "last2": 2, "last3": 3}
+CAS_PLACEMENTS: dict[str, int] = {"last": 1, "last2": 2, "last3": 3, "last4": 4}
+"""placement -> number of last blocks followed by a CAS module. Bai et al.'s sites: ResNet-18
+``last2`` = both blocks of layer4 (their best), ``last4`` = layer3 + layer4 (their Block3+Block4
+ablation); VGG-16 ``last3`` = the last three conv layers (each VGG conv is a block here)."""
 CAS_PLACEMENT = "last2"  # Bai et al.: both blocks of ResNet-18's layer4 works best
 
 
 def _place_cas(params: Mapping[str, Any], num_classes: int) -> LayerSet:
-    """CAS after the last one/two/three blocks."""
+    """CAS after the last one to four blocks (a backbone with fewer blocks refuses, naming its count)."""
     placement = params.get("placement", CAS_PLACEMENT)
     if placement not in CAS_PLACEMENTS:
         raise ValueError(

@@ -10,7 +10,10 @@ in a :class:`search_spaces.ConditionalSpace` the CAS value is the one used: ``tr
 then not suggested but set to ``cas.recipe``.
 
 Paper defaults: beta = 2, CAS after both blocks of ResNet-18's layer4 (their best), PGD-10
-adversarial training.
+adversarial training. ``last3`` is the paper's VGG-16 placement (the last three conv layers, with
+beta = 3). ``last4`` (ResNet-18's layer3 + layer4, the paper's ablation) is a placement of the
+defense (a trial config's ``defense_params``) but not of this space: the digits CNN has only three
+blocks, so a study could propose a model that cannot be built.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ __all__ = ["NON_CONSTRUCTOR_PARAMS", "SPACE"]
 # defenses.cas.ChannelActivationSuppression:
 NON_CONSTRUCTOR_PARAMS: tuple[str, ...] = (
     "beta",  # weight of the auxiliary losses in the training loss
-    "placement",  # where the modules go: after the last block or the last two blocks
+    "placement",  # where the modules go: after the last one, two or three blocks
     "recipe",  # training method CAS is combined with (adversarial training)
 )
 
@@ -32,7 +35,7 @@ SPACE = DefenseSpace(
     name="cas",
     params=(
         Float("beta", 0.0, 20.0),
-        Categorical("placement", ("last", "last2")),
+        Categorical("placement", ("last", "last2", "last3")),
         Categorical("recipe", ("pgd_at", "trades", "mart", "fast_at")),
     ),
     defaults={"beta": 2.0, "placement": "last2", "recipe": "pgd_at"},

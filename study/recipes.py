@@ -16,6 +16,12 @@ BatchNorm statistics and what the attack sees: ``fast_at`` (Wong et al.) and ``p
 al.; Rice et al.) attack the model in train mode; ``trades`` (Zhang et al.) and ``mart`` (Wang et
 al.) switch to eval mode for the attack and back to train mode for the loss.
 
+A model with CAS modules (Bai et al., "Improving adversarial robustness via channel-wise
+activation suppressing") trains as their Algorithm 1 and code do, whatever the recipe: every
+training attack runs in eval mode (each CAS site reweights by its predicted class, as at test
+time) on the CAS form of the recipe's attack loss, and TRADES/MART add the auxiliary heads' own
+TRADES/MART terms (their Table 7; see :func:`cas_trades_objective`, :func:`cas_mart_objective`).
+
 Training-time attacks use the global torch RNG (seeded per epoch by the loop), so a run is
 reproducible and resumable. Evaluation attacks live in :mod:`study.attacks` (torchattacks).
 """
@@ -30,13 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from defenses.cas import CAS_BETA, cas_aux_loss, cas_labels, cas_modules
+from defenses.cas import (
+    CAS_BETA,
+    cas_aux_logits,
+    cas_aux_loss,
+    cas_joint_ce,
+    cas_labels,
+    cas_modules,
+)
 from study.config import TrainingConfig
 
 __all__ = [
     "RECIPES",
     "Recipe",
     "StepContext",
+    "cas_mart_objective",
+    "cas_trades_objective",
     "linf_pgd",
     "mart_objective",
     "pgd_step_size",
@@ -85,10 +100,10 @@ class StepContext:
     def forward(self, x: Tensor) -> Tensor:
         """Forward pass whose loss is used; records ``beta * CAS aux loss`` for it.
 
-        CAS's loss is CE + beta/S * sum_s CE(aux_s, y) for every forward that enters the loss
-        (Bai et al.; their Table 7 uses the same form with TRADES and MART), so each such
-        forward adds its own aux term. Attack forwards call ``ctx.model`` directly and add
-        nothing.
+        A CE objective on this forward becomes CAS's CE + beta/S * sum_s CE(aux_s, y) (Bai et
+        al., AT+CAS and standard training). TRADES and MART build their CAS terms themselves
+        through :meth:`forward_with_aux`; attack forwards call ``ctx.model`` directly. Neither
+        records anything here.
         """
         logits = self.model(x)
         if self.cas:
@@ -96,6 +111,19 @@ class StepContext:
                 raise RuntimeError("StepContext.forward with CAS outside Recipe.batch_loss")
             self.aux_terms.append(self.cas_beta * cas_aux_loss(self.model, self._labels))
         return logits
+
+    def forward_with_aux(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Forward pass whose loss the caller builds itself from the main and auxiliary logits
+        (CAS with TRADES/MART); records no aux term."""
+        if self._labels is None:
+            raise RuntimeError("StepContext.forward_with_aux outside Recipe.batch_loss")
+        logits = self.model(x)
+        return logits, cas_aux_logits(self.model)
+
+    def attack_mode(self, training: bool) -> bool:
+        """The mode a training attack runs in: the recipe's own, but eval for CAS models (Bai et
+        al.'s Algorithm 1 and attack code: sites reweight by the predicted class)."""
+        return False if self.cas else training
 
     @contextlib.contextmanager
     def labels(self, y: Tensor) -> Iterator[None]:
@@ -187,6 +215,17 @@ def _ce_sum_objective(y: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda logits: F.cross_entropy(logits, y, reduction="sum")
 
 
+def _ce_attack_objective(ctx: StepContext, y: Tensor) -> Callable[[Tensor], Tensor]:
+    """CE, or for a CAS model CE + beta/S * sum_s CE(aux_s) (Bai et al.'s attack loss), summed.
+
+    The auxiliary logits are those of the forward that produced ``logits`` (linf_pgd calls the
+    objective right after it)."""
+    if not ctx.cas:
+        return _ce_sum_objective(y)
+    model, beta = ctx.model, ctx.cas_beta
+    return lambda logits: cas_joint_ce(logits, cas_aux_logits(model), y, beta).sum()
+
+
 # --- perturb: the inputs a recipe trains on -------------------------------------------------
 
 
@@ -201,22 +240,23 @@ def _gaussian_noise(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
 
 def _fgsm_rs(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
     """Wong et al., "Fast is better than free": uniform start in [-eps, eps], one FGSM step of
-    1.25 eps, clipped back to the ball. Train mode, as in the authors' code."""
+    1.25 eps, clipped back to the ball. Train mode, as in the authors' code (CAS: eval mode and
+    the CAS loss, as for every CAS training attack)."""
     eps = ctx.cfg.adv_eps
-    with _mode(ctx.model, True):
+    with _mode(ctx.model, ctx.attack_mode(True)):
         return linf_pgd(
-            ctx.model, x, _ce_sum_objective(y),
+            ctx.model, x, _ce_attack_objective(ctx, y),
             eps=eps, step_size=1.25 * eps, steps=1, start=_uniform_start(x, eps),
         )
 
 
 def _pgd_ce(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
     """Madry et al. PGD-k with a uniform random start; train mode as in Madry's and Rice et
-    al.'s code."""
+    al.'s code. CAS (Bai et al.'s AT+CAS): eval mode, PGD on CE + beta/S * sum_s CE(aux_s)."""
     cfg = ctx.cfg
-    with _mode(ctx.model, True):
+    with _mode(ctx.model, ctx.attack_mode(True)):
         return linf_pgd(
-            ctx.model, x, _ce_sum_objective(y),
+            ctx.model, x, _ce_attack_objective(ctx, y),
             eps=cfg.adv_eps, step_size=pgd_step_size(cfg), steps=cfg.adv_steps,
             start=_uniform_start(x, cfg.adv_eps),
         )
@@ -224,15 +264,27 @@ def _pgd_ce(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
 
 def _pgd_kl(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
     """Zhang et al., "Theoretically principled trade-off between robustness and accuracy"
-    (TRADES): maximise KL(p(x) || p(x_adv)) from x + 0.001 N(0, 1), in eval mode (authors' code)."""
+    (TRADES): maximise KL(p(x) || p(x_adv)) from x + 0.001 N(0, 1), in eval mode (authors' code).
+
+    CAS (Bai et al.'s TRADES+CAS code): maximise KL(p(x) || p(x_adv)) + beta/S * sum_s
+    KL(q_s(x) || q_s(x_adv)) over the auxiliary distributions q_s, all in eval mode."""
     cfg = ctx.cfg
     model = ctx.model
     with _mode(model, False):
         with torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
+            q_clean = [F.softmax(a, dim=1) for a in cas_aux_logits(model)] if ctx.cas else []
 
         def kl(logits: Tensor) -> Tensor:
-            return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+            loss = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+            if q_clean:
+                aux = cas_aux_logits(model)
+                aux_kl = sum(
+                    F.kl_div(F.log_softmax(a, dim=1), q, reduction="sum")
+                    for a, q in zip(aux, q_clean, strict=True)
+                )
+                loss = loss + ctx.cas_beta * aux_kl / len(q_clean)
+            return loss
 
         return linf_pgd(
             model, x, kl,
@@ -243,11 +295,12 @@ def _pgd_kl(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
 
 def _pgd_ce_small_start(ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
     """Wang et al., "Improving adversarial robustness requires revisiting misclassified
-    examples" (MART): PGD on CE from x + 0.001 N(0, 1), in eval mode (authors' code)."""
+    examples" (MART): PGD on CE from x + 0.001 N(0, 1), in eval mode (authors' code); CAS
+    (Bai et al.'s MART+CAS code): on CE + beta/S * sum_s CE(aux_s)."""
     cfg = ctx.cfg
     with _mode(ctx.model, False):
         return linf_pgd(
-            ctx.model, x, _ce_sum_objective(y),
+            ctx.model, x, _ce_attack_objective(ctx, y),
             eps=cfg.adv_eps, step_size=pgd_step_size(cfg), steps=cfg.adv_steps,
             start=_KL_START_STD * torch.randn_like(x),
         )
@@ -279,13 +332,16 @@ def trades_objective(
 
 
 def mart_objective(
-    logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float
+    logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float,
+    weight_logits: Tensor | None = None,
 ) -> Tensor:
     """MART loss (Wang et al. 2020), as computed by the authors' code.
 
     BCE(p(x_adv), y) = -log p_y(x_adv) - log(1 - max_{k != y} p_k(x_adv)), plus
     beta * mean_i [ KL(p(x_i) || p(x_adv_i)) * (1 - p_{y_i}(x_i)) ]; the guards 1.0001, 1e-12
-    and 1.0000001 are the code's.
+    and 1.0000001 are the code's. ``weight_logits`` gives p_y of the weight (default
+    ``logits_clean``; CAS's auxiliary terms weight by the main head, see
+    :func:`cas_mart_objective`).
 
     Shape:
         logits_*: (N, K); y: (N,) -> scalar
@@ -298,18 +354,74 @@ def mart_objective(
         torch.log(_MART_ONE - p_adv + _LOG_GUARD), wrong
     )
     p_clean = F.softmax(logits_clean, dim=1)
-    p_true = p_clean.gather(1, y.unsqueeze(1)).squeeze(1)
+    p_weight = p_clean if weight_logits is None else F.softmax(weight_logits, dim=1)
+    p_true = p_weight.gather(1, y.unsqueeze(1)).squeeze(1)
     kl = F.kl_div(torch.log(p_adv + _LOG_GUARD), p_clean, reduction="none").sum(1)
     return bce + beta * (kl * (_MART_WEIGHT_ONE - p_true)).mean()
 
 
+def cas_trades_objective(
+    logits_clean: Tensor, logits_adv: Tensor, aux_clean: list[Tensor], aux_adv: list[Tensor],
+    y: Tensor, beta: float, cas_beta: float,
+) -> Tensor:
+    """TRADES+CAS (Bai et al., Table 7; their ``trades_reg.py``).
+
+    CE(f(x), y) + cas_beta/S * sum_s CE(aux_s(x), y)
+    + beta * [KL(p(x) || p(x_adv)) + cas_beta/S * sum_s KL(q_s(x) || q_s(x_adv))]:
+    the auxiliary heads get TRADES' own natural + KL terms, so the whole is
+    ``trades(main) + cas_beta/S * sum_s trades(aux_s)``. No auxiliary CE on x_adv.
+
+    Shape:
+        logits_*: (N, K); aux_*: S x (N, K); y: (N,) -> scalar
+    """
+    loss = trades_objective(logits_clean, logits_adv, y, beta)
+    if aux_clean:
+        aux = sum(trades_objective(c, a, y, beta) for c, a in zip(aux_clean, aux_adv, strict=True))
+        loss = loss + cas_beta * aux / len(aux_clean)
+    return loss
+
+
+def cas_mart_objective(
+    logits_clean: Tensor, logits_adv: Tensor, aux_clean: list[Tensor], aux_adv: list[Tensor],
+    y: Tensor, beta: float, cas_beta: float,
+) -> Tensor:
+    """MART+CAS (Bai et al., Table 7; their ``mart_reg.py``).
+
+    BCE(f(x_adv)) + cas_beta/S * sum_s BCE(aux_s(x_adv))
+    + beta * [mean_i KL_i(p || p_adv) w_i + cas_beta/S * sum_s mean_i KL_i(q_s || q_s,adv) w_i]
+    with w_i = 1 - p_{y_i}(x_i) of the *main* head for every term, as the authors' code computes
+    it (it reuses the main head's natural probabilities for the auxiliary weights).
+
+    Shape:
+        logits_*: (N, K); aux_*: S x (N, K); y: (N,) -> scalar
+    """
+    loss = mart_objective(logits_clean, logits_adv, y, beta)
+    if aux_clean:
+        aux = sum(
+            mart_objective(c, a, y, beta, weight_logits=logits_clean)
+            for c, a in zip(aux_clean, aux_adv, strict=True)
+        )
+        loss = loss + cas_beta * aux / len(aux_clean)
+    return loss
+
+
 def _trades(ctx: StepContext, x: Tensor, x_in: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    if ctx.cas:
+        (logits_clean, aux_clean), (logits_adv, aux_adv) = map(ctx.forward_with_aux, (x, x_in))
+        loss = cas_trades_objective(logits_clean, logits_adv, aux_clean, aux_adv, y,
+                                    ctx.cfg.trades_beta, ctx.cas_beta)
+        return loss, logits_adv
     logits_clean = ctx.forward(x)
     logits_adv = ctx.forward(x_in)
     return trades_objective(logits_clean, logits_adv, y, ctx.cfg.trades_beta), logits_adv
 
 
 def _mart(ctx: StepContext, x: Tensor, x_in: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    if ctx.cas:
+        (logits_clean, aux_clean), (logits_adv, aux_adv) = map(ctx.forward_with_aux, (x, x_in))
+        loss = cas_mart_objective(logits_clean, logits_adv, aux_clean, aux_adv, y,
+                                  ctx.cfg.trades_beta, ctx.cas_beta)
+        return loss, logits_adv
     logits_clean = ctx.forward(x)
     logits_adv = ctx.forward(x_in)
     return mart_objective(logits_clean, logits_adv, y, ctx.cfg.trades_beta), logits_adv

@@ -11,7 +11,7 @@ import torchattacks
 from torch import Tensor, nn
 from torchattacks.attack import Attack
 
-from defenses.cas import CAS_BETA
+from defenses.cas import CAS_BETA, cas_aux_logits, cas_joint_ce
 from study.attacks.context import CW_KAPPA, DEEPFOOL_OVERSHOOT, DEEPFOOL_STEPS
 
 # --------------------------------------------------------------------------- custom attacks
@@ -126,14 +126,8 @@ class CASAdaptivePGD(LossPGD):
         self.beta = beta
 
     def _joint_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        from defenses.cas import cas_aux_logits
-
-        loss = F.cross_entropy(logits, labels, reduction="none")
-        aux = cas_aux_logits(self.model)
-        if aux:
-            aux_ce = torch.stack([F.cross_entropy(a, labels, reduction="none") for a in aux])
-            loss = loss + self.beta * aux_ce.mean(dim=0)
-        return loss
+        # The same function the CAS training attack ascends (study.recipes).
+        return cas_joint_ce(logits, cas_aux_logits(self.model), labels, self.beta)
 
 
 class BoxDeepFool(torchattacks.DeepFool):
