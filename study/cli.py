@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from study.cli_args import EXIT_BAD_INPUT, LazyChoices, Parser, VersionAction, count, port
+from study.cli_args import EXIT_BAD_INPUT, LazyChoices, Parser, VersionAction, count, fraction, port
 from study.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -159,7 +159,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "search":
         from study.bench.search import bench_search, format_search
 
-        print(format_search(bench_search(seeds=args.seeds, max_trials=args.trials or 64, epochs=args.epochs or 2)))
+        print(format_search(bench_search(seeds=args.seeds, max_trials=args.trials or 64, epochs=args.epochs or 9,
+                                        budget_fraction=args.budget, early_trials=args.early_trials,
+                                        workers=args.workers)))
         return EXIT_OK
     if args.what == "evaluation":
         from study.bench.evaluation import bench_evaluation, format_evaluation
@@ -411,7 +413,7 @@ BENCHMARKS: dict[str, str] = {
     "layers": "the cost of each defense per training step at ResNet-18 scale",
     "defenses": "the defense table on digits",
     "overhead": "the same trials in plain loops (default and 1 thread), a process pool and a study",
-    "search": "hypervolume per sampler after n trials",
+    "search": "hypervolume per sampler after n trials and core-seconds to reach random search's",
     "evaluation": "search cheap/verify strong against strong on every trial",
     "load": "100 tiny trials, audited",
 }
@@ -477,7 +479,7 @@ def build_parser() -> Parser:
     p.add_argument("what", choices=BENCHMARKS, metavar="WHAT", help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
     p.add_argument("--n", type=count, default=200, help="defenses: validation samples to attack (default 200)")
     p.add_argument("--epochs", type=count, help="defenses: epochs per trial (default: the demo's); "
-                   "search: epochs per trial (2); overhead: epochs per trial (3)")
+                   "search: epochs per trial (9); overhead: epochs per trial (3)")
     p.add_argument("--batch", type=count, default=128, help="layers: batch size (default 128)")
     p.add_argument("--repeats", type=count, default=3, help="layers: timed repetitions per defense (default 3)")
     p.add_argument("--device", default=None, help="layers: cpu or cuda (default: cuda when present)")
@@ -485,6 +487,11 @@ def build_parser() -> Parser:
                    "many trials (64)")
     p.add_argument("--concurrency", type=count, default=2, help="overhead, load: trials at once (default 2)")
     p.add_argument("--seeds", type=count, default=3, help="search: seeds per sampler (default 3)")
+    p.add_argument("--budget", type=fraction, default=1.0, help="search: core-seconds a search with early stopping "
+                   "may spend, as a fraction of random search's over --trials trials (default 1.0)")
+    p.add_argument("--early-trials", type=count, help="search: run each search with early stopping for this many "
+                   "trials, beside the others from the start, instead of within --budget after random search")
+    p.add_argument("--workers", type=count, help="search: worker processes (default: one per core)")
     p.add_argument("--study", default="demo", help="evaluation: the name of a finished study (default demo)")
     p.add_argument("--storage", help="evaluation, load: results folder (default results)")
 

@@ -126,6 +126,10 @@ class TrainingConfig(_Strict):
     """CAS auxiliary-loss weight; None = defense_params['beta'] or the paper's 2."""
     early_stopping: bool = True
     """pgd_at: keep the epoch with the best validation robust accuracy (Rice et al. 2020)."""
+    val_eps: float | None = Field(None, gt=0.0, le=1.0)
+    """Epsilon of the per-epoch validation robust accuracy; None = adv_eps (adversarial recipes only).
+    Set, it is measured for every recipe: a study's mo_asha early stopping sets it to the search epsilon so
+    that trials trained at different adv_eps compare on the objective's epsilon."""
     grad_clip: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     """Clip the gradient norm (None = off)."""
     checkpoint_every: int = Field(1, ge=1)

@@ -356,18 +356,9 @@ def run_study(
             callbacks.append(StudyMirror(spec.storage, spec.name))
         if progress:
             callbacks.append(ProgressLine(spec.num_trials, spec.directions))
-        scheduler = None
-        if spec.early_stopping.enabled:
-            from ray.tune.schedulers import ASHAScheduler
+        from study.scheduler import make_scheduler
 
-            scheduler = ASHAScheduler(
-                metric="epoch_val_accuracy", mode="max", time_attr="epoch",
-                # One past the last epoch: at max_t ASHA stops every trial, and a trial stopped on
-                # its last per-epoch report never sends its evaluated final report (no trial would
-                # ever complete). The rungs stay at grace * rf**k <= epochs.
-                max_t=spec.training.epochs + 1,
-                grace_period=spec.early_stopping.grace_epochs, reduction_factor=spec.early_stopping.reduction_factor,
-            )
+        scheduler = make_scheduler(spec)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

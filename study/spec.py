@@ -115,11 +115,19 @@ class MlflowConfig(_Strict):
     """Experiment name; None = the study name."""
 
 
+EARLY_STOPPING_RULES = ("mo_asha", "asha")
+
+
 class EarlyStoppingConfig(_Strict):
-    """ASHA early stopping. Stopped trials are excluded from the front and told to Optuna as pruned."""
+    """Early stopping at successive-halving rungs. Stopped trials are excluded from the front and told
+    to Optuna as pruned. In a spec, ``early_stopping: mo_asha`` (or ``asha``, ``off``) is short for
+    ``{enabled: true, rule: mo_asha}``."""
 
     enabled: bool = False
     """Off by default: a stopped trial's numbers are under-trained."""
+    rule: Literal[EARLY_STOPPING_RULES] = "mo_asha"  # type: ignore[valid-type]
+    """mo_asha: rungs ranked by non-dominated sorting of the objectives on validation numbers (Schmucker
+    et al. 2021) | asha: Ray Tune's single-metric ASHA on validation clean accuracy."""
     grace_epochs: int = Field(3, ge=1, le=1000)
     """Epochs every trial runs before it can be stopped."""
     reduction_factor: int = Field(3, ge=2, le=1000)
@@ -201,6 +209,18 @@ class StudySpec(_Strict):
     """Retries of a trial whose process died (from its last checkpoint)."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Trial seed (data split, initialisation, attacks); the same for every trial so they compare."""
+
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _early_stopping_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value == "off":
+                return {"enabled": False}
+            if value not in EARLY_STOPPING_RULES:
+                raise ValueError(f"unknown rule {show(value)}; allowed: {', '.join(EARLY_STOPPING_RULES)}, off "
+                                 "or a mapping {enabled: true, rule: mo_asha, grace_epochs: 3, reduction_factor: 3}")
+            return {"enabled": True, "rule": value}
+        return value
 
     @field_validator("plugins")
     @classmethod
@@ -359,6 +379,11 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
     for pname, target in to_training.items():
         if pname in defense_params:
             training_updates[target] = defense_params.pop(pname)
+    if spec.early_stopping.enabled and spec.early_stopping.rule == "mo_asha" and spec.training.val_eps is None:
+        # MO-ASHA compares trials on the per-epoch validation robust accuracy: at the search
+        # epsilon, not each trial's own adv_eps (a trial trained at a small epsilon would look
+        # robust and stop the ones trained for the objective's epsilon).
+        training_updates.setdefault("val_eps", spec.search_eval.eps)
     training = spec.training.model_copy(update=training_updates)
     data = {
         "name": name,

@@ -434,9 +434,9 @@ def fit(
             if has_val:
                 model.eval()
                 metrics["val_accuracy"] = _clean_accuracy(model, bundle.val, device)
-                if recipe.adversarial:
+                if recipe.adversarial or cfg.val_eps is not None:
                     metrics["val_robust_accuracy"] = _val_robust_accuracy(
-                        model, bundle.val, cfg.adv_eps, device
+                        model, bundle.val, cfg.val_eps or cfg.adv_eps, device
                     )
                 model.train()
             state.epoch += 1

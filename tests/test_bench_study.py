@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from study.bench.overhead import bench_overhead, format_overhead, overhead_spec, sample_params
-from study.bench.search import bench_search, format_search, search_spec
+from study.bench.search import bench_search, core_seconds_to_reach, format_search, search_spec, strategy_parts
 
 
 def test_overhead_configs_are_fixed_valid_and_seeded(tmp_path: Path) -> None:
@@ -75,3 +75,24 @@ def test_search_space_is_the_documented_cheap_one() -> None:
     assert spec.sampler.name == "nsga2" and spec.sampler.seed == 1
     assert set(spec.defenses) == {"kap", "cas"} and spec.include_baseline
     assert spec.search_training == ["lr", "adv_eps"] and spec.training.recipe == "fast_at"
+
+
+def test_core_seconds_to_reach_reads_the_mean_curve_over_seeds() -> None:
+    # Two searches' hypervolume after each trial and the core-seconds spent by then:
+    #   r1: 10 s -> 0.1, 20 s -> 0.3, 30 s -> 0.5;  r2: 5 s -> 0.2, 25 s -> 0.4.
+    # Mean at each breakpoint (a search counts 0 before its first trial):
+    #   5: (0 + 0.2)/2 = 0.1; 10: 0.15; 20: (0.3 + 0.2)/2 = 0.25; 25: (0.3 + 0.4)/2 = 0.35; 30: 0.45.
+    runs = [{"core_seconds": [10.0, 20.0, 30.0], "history": [0.1, 0.3, 0.5]},
+            {"core_seconds": [5.0, 25.0], "history": [0.2, 0.4]}]
+    assert core_seconds_to_reach(runs, 0.35) == 25.0
+    assert core_seconds_to_reach(runs, 0.1) == 5.0
+    assert core_seconds_to_reach(runs, 0.5) is None  # 0.45 at best
+
+
+def test_search_strategies_name_a_sampler_and_an_early_stopping_rule() -> None:
+    assert strategy_parts("tpe+mo_asha") == ("tpe", "mo_asha") and strategy_parts("random") == ("random", None)
+    with pytest.raises(ValueError, match="allowed: random, tpe, tpe\\+mo_asha"):
+        strategy_parts("tpe+hyperband")
+    spec = search_spec("tpe", 0, epochs=6, early_stopping="mo_asha")
+    assert spec.early_stopping.enabled and spec.early_stopping.grace_epochs == 2  # a third of the epochs
+    assert not search_spec("tpe", 0, epochs=6).early_stopping.enabled

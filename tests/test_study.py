@@ -162,11 +162,13 @@ def test_resume_after_driver_killed_finishes_without_duplicates(tmp_path: Path) 
     assert set(states) <= {"COMPLETE", "FAIL"}, states
 
 
-def test_early_stopped_trials_never_reach_the_front_or_optuna(tmp_path: Path) -> None:
-    # ASHA on: trials cut short are recorded as "stopped", kept off the front, and told to
-    # Optuna as pruned (Ray's OptunaSearch would otherwise tell it their under-trained numbers).
+@pytest.mark.parametrize("rule", ["mo_asha", "asha"])
+def test_early_stopped_trials_never_reach_the_front_or_optuna(tmp_path: Path, rule: str) -> None:
+    # Early stopping on (MO-ASHA or ASHA): trials cut short are recorded as "stopped", kept off the
+    # front, and told to Optuna as pruned (Ray's OptunaSearch would otherwise tell it their
+    # under-trained numbers).
     spec = tiny_spec(tmp_path, name="asha", trials=6, training={"epochs": 4, "batch_size": 64},
-                     early_stopping={"enabled": True, "grace_epochs": 1, "reduction_factor": 2})
+                     early_stopping={"enabled": True, "rule": rule, "grace_epochs": 1, "reduction_factor": 2})
     proc = cli("run", str(spec), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads((tmp_path / "results" / "asha" / "trials.json").read_text())

@@ -342,6 +342,19 @@ def test_adversarial_recipes_record_val_robust_accuracy(name: str, bundle: DataB
     assert 0.0 <= result.history[0]["val_robust_accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("recipe", ["standard", "fast_at"])
+def test_val_eps_sets_the_epsilon_of_the_per_epoch_robust_accuracy(recipe: str, bundle: DataBundle,
+                                                                     monkeypatch) -> None:
+    # MO-ASHA compares trials on this number: with val_eps it is measured at that epsilon for every
+    # recipe (standard training included), not at the trial's own adv_eps.
+    import study.train as train_mod
+
+    seen: list[float] = []
+    monkeypatch.setattr(train_mod, "_val_robust_accuracy", lambda model, data, eps, device: seen.append(eps) or 0.5)
+    result = _fit(_model(), bundle, _cfg(recipe=recipe, epochs=2, adv_eps=0.05, val_eps=0.3))
+    assert seen == [0.3, 0.3] and [h["val_robust_accuracy"] for h in result.history] == [0.5, 0.5]
+
+
 def test_same_seed_same_weights(bundle: DataBundle) -> None:
     cfg = _cfg(recipe="pgd_at", epochs=2, adv_steps=2)
     a, b, c = _model(), _model(), _model()

@@ -16,6 +16,7 @@ worker process and reused.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -24,125 +25,257 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from study.runner import params_key
 from study.spec import StudySpec, bench_spec, trial_config_for
 
-__all__ = ["SAMPLERS", "bench_search", "format_search", "search_spec"]
+__all__ = ["SAMPLERS", "STRATEGIES", "bench_search", "core_seconds_to_reach", "format_search", "search_spec"]
 
 logger = logging.getLogger(__name__)
 
 SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "random")
+#: What the benchmark compares by default (issue 17): a sampler, optionally ``+mo_asha`` early stopping.
+STRATEGIES: tuple[str, ...] = ("random", "tpe", "tpe+mo_asha")
 CHECKPOINTS: tuple[int, ...] = (8, 16, 32, 64)
 REFERENCE: tuple[float, float] = (0.0, 0.0)
 #: Issue 6's target: the default sampler reaches random search's 64-trial hypervolume in <= 32.
 TRIALS_TARGET = 32
 
 
-def search_spec(sampler: str = "tpe", seed: int = 0, epochs: int = 2) -> StudySpec:
+def search_spec(sampler: str = "tpe", seed: int = 0, epochs: int = 2, early_stopping: str | None = None,
+                grace: int | None = None, reduction_factor: int = 3) -> StudySpec:
     """The cheap space: baseline, KAP (no noise) and CAS on digits, fast adversarial training
     whose lr and training epsilon are searched too (the main accuracy/robustness trade-off).
-    A trial is ~2 s on one core (600 training images, two epochs, PGD-5 on 100 test images):
-    the benchmark runs 9 searches of 64 trials. The workload: ``study/specs/bench/search.yaml``."""
+    A trial is ~2 s on one core (600 training images, two epochs, PGD-5 on 100 test images).
+    ``early_stopping`` (``mo_asha``) turns the study's early stopping on, first rung at
+    ``grace`` epochs (default a third of the epochs). The workload: ``study/specs/bench/search.yaml``."""
+    updates: dict[str, Any] = {}
+    if early_stopping:
+        updates["early_stopping"] = {"enabled": True, "rule": early_stopping,
+                                     "grace_epochs": grace or max(1, epochs // 3), "reduction_factor": reduction_factor}
     return bench_spec("search", source="bench search", sampler={"name": sampler, "seed": seed},
-                      training={"epochs": epochs})
+                      training={"epochs": epochs}, **updates)
 
 
-_CACHE: dict[str, tuple[float, float] | None] = {}
+class _Stopped(Exception):
+    """Raised from the epoch callback when the rungs stop the trial."""
 
 
-def _evaluate(spec: StudySpec, params: dict[str, Any]) -> tuple[float, float] | None:
-    """(clean, robust) of one trial, or None when it diverged or its evaluation is untrusted."""
+# params -> per-epoch (clean, robust) validation numbers with the CPU seconds spent up to each,
+# and the final (values or None, CPU seconds) when the trial ran to the end.
+_CACHE: dict[str, dict[str, Any]] = {}
+
+
+def _run(spec: StudySpec, params: dict[str, Any], judge: Any) -> tuple[tuple[float, float] | None, float, bool]:
+    """Train and attack one trial, epoch by epoch: (values or None, CPU seconds, stopped).
+
+    ``judge(epoch, (val clean, val robust))`` returns False to stop the trial there (early
+    stopping); values are None when it was stopped, diverged or its evaluation is untrusted. The
+    seconds are the process's CPU time (one thread: core-seconds), also charged when a cached
+    run is replayed, since a study would pay them again.
+    """
     from study.data import load_data
     from study.trial import run_trial
 
-    key = params_key(params)
-    if key not in _CACHE:
-        data = load_data(spec.data, seed=spec.seed)  # cached per process
-        try:
-            result = run_trial(trial_config_for(spec, params, name="search"), data=data)
-        except Exception as err:  # noqa: BLE001 - a trial that raises fails, as it would in a study
-            logger.warning("trial %s raised %s: counted as failed", params, err)
-            _CACHE[key] = None
-            return None
-        ok = result.status == "completed" and result.trusted
-        _CACHE[key] = (result.clean_accuracy, result.robust_accuracy) if ok else None
-    return _CACHE[key]
+    config = trial_config_for(spec, params, name="search")
+    key = config.model_dump_json()  # the config, not just the point: early stopping changes val_eps
+    cached = _CACHE.get(key)
+    if cached is not None:
+        for epoch, values, seconds in cached["epochs"]:
+            if judge is not None and not judge(epoch, values):
+                return None, seconds, True
+        if cached["final"] is not None:
+            return cached["final"][0], cached["final"][1], False
+        # Cached only up to where an earlier search stopped it: train again from the start.
+    data = load_data(spec.data, seed=spec.seed)  # cached per process
+    epochs: list[tuple[int, tuple[float, float], float]] = []
+    t0 = time.process_time()
+
+    def on_epoch(report: Any) -> None:
+        values = (float(report.metrics.get("val_accuracy", 0.0)), float(report.metrics.get("val_robust_accuracy", 0.0)))
+        epochs.append((report.epoch, values, time.process_time() - t0))
+        if judge is not None and not judge(report.epoch, values):
+            raise _Stopped
+
+    entry: dict[str, Any] = {"epochs": epochs, "final": None}
+    try:
+        result = run_trial(config, data=data, on_epoch=on_epoch)
+    except _Stopped:
+        _CACHE[key] = entry
+        return None, epochs[-1][2], True
+    except Exception as err:  # noqa: BLE001 - a trial that raises fails, as it would in a study
+        logger.warning("trial %s raised %s: counted as failed", params, err)
+        result = None
+    ok = result is not None and result.status == "completed" and result.trusted
+    values = (result.clean_accuracy, result.robust_accuracy) if ok and result is not None else None
+    entry["final"] = (values, time.process_time() - t0)
+    _CACHE[key] = entry
+    return entry["final"][0], entry["final"][1], False
 
 
-def _search(sampler: str, seed: int, n: int, epochs: int) -> dict[str, Any]:
-    """One search of n trials; returns its hypervolume after each trial."""
+def strategy_parts(strategy: str) -> tuple[str, str | None]:
+    """``tpe+mo_asha`` -> (``tpe``, ``mo_asha``); a plain sampler name has no early stopping."""
+    sampler, _, stopping = strategy.partition("+")
+    if sampler not in SAMPLERS or stopping not in ("", "mo_asha"):
+        raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    return sampler, stopping or None
+
+
+def _search(strategy: str, seed: int, n: int, epochs: int, budget: float | None = None,
+            grace: int | None = None, reduction_factor: int = 3) -> dict[str, Any]:
+    """One search: n trials (or, with a ``budget`` of core-seconds, until it is spent); returns
+    the hypervolume and the cumulative core-seconds after each trial."""
     import optuna
     import torch
 
+    from study.mo_asha import Rungs
     from study.pareto import hypervolume_history
     from study.searcher import make_sampler
 
     torch.set_num_threads(1)  # one core per search process
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = search_spec(sampler, seed, epochs)
+    sampler, stopping = strategy_parts(strategy)
+    spec = search_spec(sampler, seed, epochs, early_stopping=stopping, grace=grace, reduction_factor=reduction_factor)
     space = spec.conditional_space()
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=make_sampler(spec))
+    rungs = (Rungs(["max", "max"], spec.early_stopping.grace_epochs, spec.early_stopping.reduction_factor, epochs)
+             if stopping else None)
     points: list[tuple[float, float]] = []
-    untrusted = 0
+    costs: list[float] = []
+    untrusted = stopped = 0
+    spent = 0.0
     start = time.perf_counter()
-    for _ in range(n):
+    while len(points) < n and (budget is None or spent < budget):
+        t0 = time.process_time()
         trial = study.ask()
-        values = _evaluate(spec, space.suggest(trial))
-        if values is None:
+        params = space.suggest(trial)
+        asked = time.process_time() - t0
+        name = str(trial.number)
+        judge = (lambda epoch, values, name=name: rungs.decide(name, epoch, values)) if rungs else None
+        values, seconds, was_stopped = _run(spec, params, judge)
+        t1 = time.process_time()
+        if was_stopped:
+            stopped += 1
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif values is None:
             untrusted += 1
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            points.append((math.nan, math.nan))  # counts as a trial, never on the front
         else:
             study.tell(trial, list(values))
-            points.append(values)
+        spent += asked + seconds + time.process_time() - t1
+        points.append(values if values is not None else (math.nan, math.nan))  # a trial, never on the front
+        costs.append(spent)
     history = hypervolume_history(points, ["max", "max"], REFERENCE)
-    logger.info("search %s seed %d: %d trials in %.0f s, hypervolume %.4f", sampler, seed, n,
-                time.perf_counter() - start, history[-1] if history else 0.0)
-    return {"sampler": sampler, "seed": seed, "history": history, "untrusted": untrusted,
-            "seconds": time.perf_counter() - start}
+    logger.info("search %s seed %d: %d trials (%d stopped), %.0f core-s in %.0f s, hypervolume %.4f", strategy,
+                seed, len(points), stopped, spent, time.perf_counter() - start, history[-1] if history else 0.0)
+    return {"sampler": strategy, "seed": seed, "history": history, "core_seconds": costs, "untrusted": untrusted,
+            "stopped": stopped, "seconds": time.perf_counter() - start}
 
 
-def bench_search(seeds: int = 3, max_trials: int = 64, samplers: tuple[str, ...] = SAMPLERS,
-                 workers: int | None = None, epochs: int = 2) -> dict[str, Any]:
-    """Run every (sampler, seed) search and summarise the hypervolume curves."""
-    jobs = [(s, seed) for seed in range(seeds) for s in samplers]
-    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
-    logger.info("bench search: %d searches of %d trials on %d worker processes", len(jobs), max_trials, workers)
+def _value_at(run: dict[str, Any], t: float) -> float:
+    """A search's hypervolume once it has spent ``t`` core-seconds (0 before its first trial)."""
+    i = bisect.bisect_right(run["core_seconds"], t)
+    return run["history"][i - 1] if i else 0.0
+
+
+def core_seconds_to_reach(runs: list[dict[str, Any]], goal: float) -> float | None:
+    """First core-seconds at which the mean hypervolume over ``runs`` reaches ``goal``."""
+    for t in sorted({c for r in runs for c in r["core_seconds"]}):
+        if statistics.fmean(_value_at(r, t) for r in runs) >= goal - 1e-12:
+            return t
+    return None
+
+
+def bench_search(seeds: int = 3, max_trials: int = 64, samplers: tuple[str, ...] = STRATEGIES,
+                 workers: int | None = None, epochs: int = 2, grace: int | None = None,
+                 reduction_factor: int = 3, budget_fraction: float = 1.0,
+                 early_trials: int | None = None) -> dict[str, Any]:
+    """Run every (strategy, seed) search and summarise the hypervolume curves.
+
+    Random search runs first: its mean hypervolume after ``max_trials`` is the goal and its mean
+    core-seconds the unit. Searches with early stopping then run until they have spent
+    ``budget_fraction`` of that unit (a trial count means little when most trials stop early);
+    the others run ``max_trials`` trials. With ``early_trials`` they run that many trials instead,
+    beside the others from the start (no waiting on random search: quicker on a loaded machine).
+    """
+    for s in samplers:
+        strategy_parts(s)
+    if "random" not in samplers:
+        raise ValueError("bench search needs random search: it sets the goal")
+    stopping = [s for s in samplers if strategy_parts(s)[1]]
+    first = [(s, seed) for s in samplers if s not in stopping for seed in range(seeds)]
+    first.sort(key=lambda job: job[0] != "random")  # random first: the others' budget waits on it
+    later = [(s, seed) for s in stopping for seed in range(seeds)]
+    workers = workers or max(1, min(len(first) + len(later), os.cpu_count() or 1))
+    logger.info("bench search: %d searches (%d epochs per trial) on %d worker processes", len(first) + len(later),
+                epochs, workers)
     with ProcessPoolExecutor(workers) as pool:
-        runs = list(pool.map(_search, [s for s, _ in jobs], [seed for _, seed in jobs], [max_trials] * len(jobs),
-                             [epochs] * len(jobs)))
+        futures = {job: pool.submit(_search, job[0], job[1], max_trials, epochs, None, grace, reduction_factor)
+                   for job in first}
+        if early_trials:
+            for job in later:
+                futures[job] = pool.submit(_search, job[0], job[1], early_trials, epochs, None, grace,
+                                           reduction_factor)
+        random_runs = [futures[job].result() for job in first if job[0] == "random"]
+        unit = statistics.fmean(r["core_seconds"][-1] for r in random_runs)
+        if not early_trials:
+            for job in later:
+                futures[job] = pool.submit(_search, job[0], job[1], max_trials * 8, epochs, unit * budget_fraction,
+                                           grace, reduction_factor)
+        runs = [futures[job].result() for job in first + later]
     curves = {s: [r["history"] for r in runs if r["sampler"] == s] for s in samplers}
-    mean_curve = {s: [statistics.fmean(h[i] for h in curves[s]) for i in range(max_trials)] for s in samplers}
-    goal = mean_curve["random"][-1] if "random" in samplers else None
+    length = {s: max(len(h) for h in curves[s]) for s in samplers}
+    mean_curve = {s: [statistics.fmean(h[min(i, len(h) - 1)] for h in curves[s]) for i in range(length[s])]
+                  for s in samplers}
+    goal = mean_curve["random"][-1]
     to_reach = {}
     for s in samplers:
-        reached = [i + 1 for i, v in enumerate(mean_curve[s]) if goal is not None and v >= goal - 1e-12]
+        reached = [i + 1 for i, v in enumerate(mean_curve[s]) if v >= goal - 1e-12]
         to_reach[s] = reached[0] if reached else None
     checkpoints = [c for c in CHECKPOINTS if c <= max_trials] or [max_trials]
+
+    def at(h: list[float], c: int) -> float:
+        return h[min(c, len(h)) - 1]
+
     table = {
-        s: {c: (statistics.fmean(h[c - 1] for h in curves[s]),
-                statistics.stdev(h[c - 1] for h in curves[s]) if len(curves[s]) > 1 else 0.0)
+        s: {c: (statistics.fmean(at(h, c) for h in curves[s]),
+                statistics.stdev(at(h, c) for h in curves[s]) if len(curves[s]) > 1 else 0.0)
             for c in checkpoints}
         for s in samplers
     }
-    return {"seeds": seeds, "max_trials": max_trials, "checkpoints": checkpoints, "table": table,
-            "goal": goal, "trials_to_reach_random": to_reach,
+    reach_cs = {s: core_seconds_to_reach([r for r in runs if r["sampler"] == s], goal) for s in samplers}
+    return {"seeds": seeds, "max_trials": max_trials, "epochs": epochs, "checkpoints": checkpoints, "table": table,
+            "goal": goal, "trials_to_reach_random": to_reach, "unit_core_seconds": unit,
+            "core_seconds_to_reach_random": reach_cs,
+            "core_seconds_ratio": {s: (v / unit if v is not None else None) for s, v in reach_cs.items()},
+            "trials_run": {s: statistics.fmean(len(h) for h in curves[s]) for s in samplers},
             "untrusted": {s: sum(r["untrusted"] for r in runs if r["sampler"] == s) for s in samplers},
+            "stopped": {s: sum(r["stopped"] for r in runs if r["sampler"] == s) for s in samplers},
             "seconds": {s: sum(r["seconds"] for r in runs if r["sampler"] == s) for s in samplers},
             "runs": runs}
 
 
 def format_search(m: dict[str, Any]) -> str:
     cps = m["checkpoints"]
-    header = f"{'sampler':<8}" + "".join(f"{'HV @' + str(c):>16}" for c in cps) + f"{'trials to reach random@' + str(m['max_trials']):>28}"
-    lines = [f"hypervolume of the (clean, robust) front, reference (0, 0); mean ± sd over {m['seeds']} seeds",
-             header, "-" * len(header)]
+    width = max(8, *(len(s) for s in m["table"])) + 1
+    header = f"{'sampler':<{width}}" + "".join(f"{'HV @' + str(c):>16}" for c in cps) + f"{'trials to reach random@' + str(m['max_trials']):>28}"
+    lines = [f"hypervolume of the (clean, robust) front, reference (0, 0); mean ± sd over {m['seeds']} seeds; "
+             f"{m.get('epochs', '?')} epochs per trial", header, "-" * len(header)]
     for s, row in m["table"].items():
         reach = m["trials_to_reach_random"][s]
         cells = "".join(f"{row[c][0]:>9.4f} ± {row[c][1]:.3f}" for c in cps)
-        lines.append(f"{s:<8}{cells}{(str(reach) if reach else 'not reached'):>28}")
+        lines.append(f"{s:<{width}}{cells}{(str(reach) if reach else 'not reached'):>28}")
     lines.append(f"random search's mean hypervolume after {m['max_trials']} trials: {m['goal']:.4f}")
+    unit = m["unit_core_seconds"]
+    lines.append("")
+    head = (f"{'sampler':<{width}}{'trials run':>12}{'stopped':>9}{'core-s to reach random@' + str(m['max_trials']):>30}"
+            f"{'of random@' + str(m['max_trials']) + ' core-s':>24}")
+    lines += [f"core-seconds (CPU seconds of one-thread searches) to reach that hypervolume, mean curve over seeds; "
+              f"random@{m['max_trials']} spent {unit:.0f} core-s on average", head, "-" * len(head)]
+    for s in m["table"]:
+        cs, ratio = m["core_seconds_to_reach_random"][s], m["core_seconds_ratio"][s]
+        lines.append(f"{s:<{width}}{m['trials_run'][s]:>12.1f}{m['stopped'][s]:>9}"
+                     f"{(f'{cs:.0f}' if cs is not None else 'not reached'):>30}"
+                     f"{(f'{ratio:.0%}' if ratio is not None else '-'):>24}")
     lines.append("untrusted/diverged trials (off the front): "
                  + ", ".join(f"{s} {n}" for s, n in m["untrusted"].items()))
-    lines.append("compute per sampler (all seeds): " + ", ".join(f"{s} {t / 60:.1f} min" for s, t in m["seconds"].items()))
+    lines.append("wall time per sampler (all seeds): " + ", ".join(f"{s} {t / 60:.1f} min" for s, t in m["seconds"].items()))
     return "\n".join(lines)

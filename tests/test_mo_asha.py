@@ -1,0 +1,153 @@
+"""MO-ASHA's promotion rule (study.mo_asha) against rungs worked out by hand, and its Ray Tune
+scheduler (study.scheduler) driven without starting Ray.
+
+The rule (Schmucker et al. 2021 with ASHA's stop-or-continue decisions): order a rung by
+non-dominated sorting, ties in a front broken by NSGA-II crowding distance (Deb et al. 2002);
+a trial goes on when fewer than ceil(n / rf) of the rung's n trials come strictly before it.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from types import SimpleNamespace
+
+import pytest
+
+from study.mo_asha import Rungs, crowding_distances, milestones, non_dominated_ranks, promoted
+
+MAX2 = ["max", "max"]
+
+# (clean, robust), both maximised:
+#   A (0.9, 0.1)  B (0.5, 0.5)  C (0.2, 0.8)  nobody dominates these three -> front 0
+#   D (0.4, 0.4)  dominated by B;  E (0.8, 0.05) dominated by A; D, E incomparable -> front 1
+#   F (0.1, 0.1)  dominated by D (and A, B) -> front 2
+RUNG = {"A": (0.9, 0.1), "B": (0.5, 0.5), "C": (0.2, 0.8), "D": (0.4, 0.4), "E": (0.8, 0.05), "F": (0.1, 0.1)}
+
+
+def test_non_dominated_ranks_by_hand() -> None:
+    assert non_dominated_ranks(list(RUNG.values()), MAX2) == [0, 0, 0, 1, 1, 2]
+
+
+def test_a_minimised_objective_flips_domination() -> None:
+    # (clean max, train_seconds min): (0.9, 50 s) dominates (0.9, 100 s); (0.8, 10 s) trades off.
+    assert non_dominated_ranks([(0.9, 100.0), (0.9, 50.0), (0.8, 10.0)], ["max", "min"]) == [1, 0, 0]
+
+
+def test_crowding_distance_by_hand() -> None:
+    # Front 0 = A, B, C. Clean sorted C 0.2 < B 0.5 < A 0.9: ends C, A infinite; B adds
+    # (0.9 - 0.2) / (0.9 - 0.2) = 1. Robust sorted A 0.1 < B 0.5 < C 0.8: B adds (0.8 - 0.1) / 0.7 = 1.
+    assert crowding_distances([RUNG["A"], RUNG["B"], RUNG["C"]], MAX2) == [math.inf, 2.0, math.inf]
+    # Four points on a line x + y = 1: interior ones add their neighbours' gap over the range per
+    # objective: P2 (0.3,0.7): (0.6-0)/1 + (1-0.4)/1 = 1.2; P3 (0.6,0.4): (1-0.3)/1 + (0.7-0)/1 = 1.4.
+    line = [(0.0, 1.0), (0.3, 0.7), (0.6, 0.4), (1.0, 0.0)]
+    assert crowding_distances(line, MAX2) == pytest.approx([math.inf, 1.2, 1.4, math.inf])
+
+
+def test_promotion_breaks_a_front_by_crowding() -> None:
+    # rf 3, n 6: quota ceil(6/3) = 2. A and C (crowding inf) come first, tied; B (front 0,
+    # crowding 2) has both ahead of it: B stops although non-dominated, the front's ends go on.
+    assert promoted(list(RUNG.values()), MAX2, 3) == [0, 2]
+
+
+def test_promotion_by_fronts_alone() -> None:
+    # rf 2, n 4: quota 2. P and Q form front 0 (both ends, nothing strictly ahead); R is
+    # dominated by Q, S by everyone.
+    rung = [(0.9, 0.2), (0.6, 0.6), (0.5, 0.5), (0.3, 0.1)]
+    assert promoted(rung, MAX2, 2) == [0, 1]
+    # rf 2, n 5 (quota 3) with a NaN robust number: though its clean 0.95 is the best, a trial
+    # missing a number goes behind every complete one; R (front 1, 2 ahead) now goes on.
+    assert promoted([*rung, (0.95, math.nan)], MAX2, 2) == [0, 1, 2]
+
+
+def test_milestones_lie_strictly_below_the_last_epoch() -> None:
+    assert milestones(1, 3, 9) == [1, 3]
+    assert milestones(2, 3, 6) == [2]
+    assert milestones(3, 3, 9) == [3]
+    assert milestones(1, 2, 8) == [1, 2, 4]
+    assert milestones(5, 3, 5) == []
+
+
+def test_rungs_decide_each_trial_once_on_arrival() -> None:
+    rungs = Rungs(MAX2, grace=1, reduction_factor=3, last=9)  # rungs at epochs 1 and 3
+    # a: first at rung 1, quota ceil(1/3) = 1, nothing ahead -> on.
+    assert rungs.decide("a", 1, (0.5, 0.5))
+    # b dominates a; n 2, quota 1, nothing ahead -> on.
+    assert rungs.decide("b", 1, (0.6, 0.6))
+    # c is dominated by a and b: fronts b | a | c; n 3, quota 1, 2 ahead -> stop.
+    assert not rungs.decide("c", 1, (0.4, 0.4))
+    # d (0.9, 0.1) joins b in front 0, both ends (inf); n 4, quota 2, nothing strictly ahead -> on.
+    assert rungs.decide("d", 1, (0.9, 0.1))
+    # e (0.55, 0.55): dominated by b only, dominates a: fronts {b, d} | e | a | c; n 5,
+    # quota 2, 2 ahead -> stop.
+    assert not rungs.decide("e", 1, (0.55, 0.55))
+    # Between rungs, and a repeated report at a rung already judged: no new decision.
+    assert rungs.decide("a", 2, (0.0, 0.0)) and rungs.decide("a", 1, (0.0, 0.0))
+    assert rungs.decide("b", 3, (0.7, 0.7))  # first at rung 3
+    assert rungs.stopped == {"c": 1, "e": 1}
+    assert {m: sorted(r) for m, r in rungs.recorded.items()} == {1: ["a", "b", "c", "d", "e"], 3: ["b"]}
+
+
+def test_rungs_refuse_bad_settings() -> None:
+    with pytest.raises(ValueError, match="reduction_factor"):
+        Rungs(MAX2, grace=1, reduction_factor=1, last=9)
+    with pytest.raises(ValueError, match="min or max"):
+        Rungs(["max", "up"], grace=1, reduction_factor=3, last=9)
+
+
+def test_the_tune_scheduler_applies_the_rule_to_reported_objectives() -> None:
+    from ray.tune.schedulers import TrialScheduler
+
+    from study.scheduler import MultiObjectiveASHA
+
+    s = MultiObjectiveASHA(
+        ["clean_accuracy", "robust_accuracy"], MAX2, time_attr="epoch", grace_period=1, reduction_factor=3, max_t=9
+    )
+    assert s.set_search_properties(None, None)
+
+    def report(trial: str, epoch: int, clean: float, robust: float, **extra: float) -> str:
+        result = {"epoch": epoch, "clean_accuracy": clean, "robust_accuracy": robust, **extra}
+        return s.on_trial_result(None, SimpleNamespace(trial_id=trial), result)
+
+    assert report("a", 1, 0.5, 0.5) == TrialScheduler.CONTINUE
+    assert report("b", 1, 0.6, 0.6) == TrialScheduler.CONTINUE
+    assert report("c", 1, 0.4, 0.4) == TrialScheduler.STOP  # as in the hand-worked rung above
+    # A trial's final report is its evaluation: never judged, even when it would lose.
+    assert report("d", 1, 0.0, 0.0, final=1) == TrialScheduler.CONTINUE
+    assert "d" not in s.rungs.recorded[1]
+    # Tune pickles the scheduler with the experiment state: the rungs survive a resume.
+    again = pickle.loads(pickle.dumps(s))
+    assert again.rungs.recorded == s.rungs.recorded and again.rungs.stopped == {"c": 1}
+    assert "MO-ASHA" in s.debug_string()
+
+
+def test_the_spec_selects_the_scheduler(tmp_path) -> None:
+    from ray.tune.schedulers import ASHAScheduler
+
+    from study.config import ConfigError
+    from study.scheduler import MultiObjectiveASHA, make_scheduler
+    from study.spec import parse_spec, trial_config_for
+
+    base = {
+        "name": "s",
+        "defenses": ["kap"],
+        "training": {"epochs": 9, "recipe": "fast_at", "adv_eps": 0.05},
+        "search_eval": {"eps": 0.2},
+        "storage": str(tmp_path),
+    }
+    spec = parse_spec(
+        {**base, "early_stopping": "mo_asha", "objectives": ["clean_accuracy", "robust_accuracy", "train_seconds"]}
+    )
+    scheduler = make_scheduler(spec)
+    assert isinstance(scheduler, MultiObjectiveASHA)
+    assert scheduler.metrics == ["clean_accuracy", "robust_accuracy", "train_seconds"]
+    assert scheduler.rungs.directions == ["max", "max", "min"]
+    assert sorted(scheduler.rungs.recorded) == [3]  # default grace 3, rf 3, below epoch 9
+    # The rungs compare validation robust accuracy at the search epsilon, not each trial's adv_eps.
+    point = spec.conditional_space().paper_default_configs()[0]
+    assert trial_config_for(spec, point).training.val_eps == 0.2
+    assert isinstance(make_scheduler(parse_spec({**base, "early_stopping": "asha"})), ASHAScheduler)
+    off = parse_spec({**base, "early_stopping": "off"})
+    assert make_scheduler(off) is None and trial_config_for(off, point).training.val_eps is None
+    with pytest.raises(ConfigError, match="early_stopping.*allowed: mo_asha, asha, off"):
+        parse_spec({**base, "early_stopping": "hyperband"})
