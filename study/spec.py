@@ -182,6 +182,9 @@ class StudySpec(_Strict):
     """Strong attacks that re-evaluate the front after the search (search cheap, verify strong)."""
     verify: bool = True
     """Re-evaluate the front with final_eval. Off: the front stands on the search attacks alone."""
+    paper_defaults_per_recipe: bool = False
+    """Enqueue every defense's paper defaults once per searched training recipe (with
+    search_training.recipe), so each defense is first seen with and without adversarial training."""
     verify_defense_fronts: bool = False
     """Also re-evaluate each defense's own front (not only the overall one): every defense's line of
     the short answer and of front_defenses.png then stands on the strong attacks."""
@@ -327,7 +330,11 @@ class StudySpec(_Strict):
                 if p.name in keep
             )
             params = _prune_relations(params)
-            defaults = {p.name: _default_inside(p, TRAINING_SPACE.defaults.get(p.name)) for p in params}
+            # The enqueued defaults start from the training values the spec states (the user's
+            # starting point) where the searched range holds them, else from the space's defaults.
+            given = self.training.model_dump(include=self.training.model_fields_set)
+            defaults = {p.name: _default_inside(p, given[p.name] if p.contains(given.get(p.name))
+                                                else TRAINING_SPACE.defaults.get(p.name)) for p in params}
             if "recipe" not in self.search_training:
                 defaults["recipe"] = self.training.recipe
             training_space = DefenseSpace(
@@ -339,6 +346,7 @@ class StudySpec(_Strict):
             include_baseline=self.include_baseline,
             overrides={k: v for k, v in self.defenses.items() if v},
             training=training_space,
+            defaults_per_recipe=self.paper_defaults_per_recipe,
         )
 
 

@@ -124,10 +124,13 @@ def test_bad_narrowing_is_one_clear_line(narrowing, words):
 def test_a_list_of_names_still_works_and_default_moves_inside_a_narrowed_range():
     spec = _demo(defenses=["kap"], search_training=["lr", "adv_eps"])
     assert spec.search_training == {"lr": None, "adv_eps": None}
-    # The training default adv_eps is 0.1; narrowed to [0.15, 0.3] the enqueued default is the low end.
-    spec = _demo(defenses=["kap"], training={**_demo().training.model_dump(mode="json"), "recipe": "fast_at"},
-                 search_training={"adv_eps": [0.15, 0.3]})
-    assert spec.conditional_space().training.defaults["adv_eps"] == 0.15
+    # Nothing stated in the spec: the space's default adv_eps (0.1) lies outside [0.25, 0.3],
+    # so the enqueued default is the low end; a stated value inside the range is kept.
+    spec = _demo(defenses=["kap"], training={"recipe": "fast_at"}, search_training={"adv_eps": [0.25, 0.3]})
+    assert spec.conditional_space().training.defaults["adv_eps"] == 0.25
+    spec = _demo(defenses=["kap"], training={"recipe": "fast_at", "adv_eps": 0.28},
+                 search_training={"adv_eps": [0.25, 0.3]})
+    assert spec.conditional_space().training.defaults["adv_eps"] == 0.28
 
 
 # -- importances ---------------------------------------------------------------------------------
@@ -159,3 +162,17 @@ def test_importance_finds_the_parameter_that_drives_an_objective(tmp_path: Path)
         assert max(clean, key=clean.get) == "training.lr", (scope, clean)
     assert data["kap"]["trials"] + data["kwta"]["trials"] == 24
     assert "adv_eps" in format_importances(data, ["kap"], ["robust_accuracy"])
+
+
+def test_paper_defaults_per_recipe_enqueue_each_defense_with_each_recipe():
+    spec = _demo()  # the demo: recipes [standard, fast_at], training.adv_eps 0.2 stated in the spec
+    firsts = [(c["defense"], c["training.recipe"], c.get("training.adv_eps"))
+              for c in spec.conditional_space().paper_default_configs()]
+    plain = ["none", "kap", "kwta", "kaf", "topkconv", "dynamic_k"]
+    # By hand: every defense but CAS at standard (no eps), then at fast_at with the spec's eps 0.2;
+    # CAS decides its own recipe (fast_at) and appears once.
+    assert firsts == ([(d, "standard", None) for d in plain] + [(d, "fast_at", 0.2) for d in plain]
+                      + [("cas", "fast_at", 0.2)])
+    assert len(firsts) <= spec.num_trials
+    once = _demo(paper_defaults_per_recipe=False).conditional_space().paper_default_configs()
+    assert [c["training.recipe"] for c in once] == ["standard"] * 6 + ["fast_at"]
