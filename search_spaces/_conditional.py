@@ -59,6 +59,9 @@ class ConditionalSpace:
             as accepted by :meth:`DefenseSpace.restrict`.
         training: the training space searched alongside (``search_spaces.TRAINING_SPACE``), or
             None to leave training out of the search.
+        defaults_per_recipe: :meth:`paper_default_configs` gives each defense's paper defaults
+            once per searched training recipe (standard and adversarial training side by side),
+            not only with the training space's default recipe.
 
     Raises:
         ValueError: on unknown/duplicate defenses, an empty choice, overrides for defenses not
@@ -69,6 +72,7 @@ class ConditionalSpace:
     include_baseline: bool = True
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     training: DefenseSpace | None = None
+    defaults_per_recipe: bool = False
     _spaces: dict[str, DefenseSpace] = field(init=False, repr=False, compare=False)
     _training_space: DefenseSpace | None = field(init=False, repr=False, compare=False)
 
@@ -180,20 +184,36 @@ class ConditionalSpace:
 
         Enqueue these as a study's first trials so every study starts from the published
         settings. Only active parameters appear, exactly as :meth:`suggest` would write them.
+        With ``defaults_per_recipe``, every searched recipe in turn (a defense that decides its
+        recipe appears once, with its own).
         """
         configs = []
-        for defense in self.defense_choices():
-            flat: dict[str, Any] = {DEFENSE_PARAM: defense}
-            shared: dict[str, Any] = {}
-            if defense != BASELINE:
-                space = self._spaces[defense]
-                values = space.active_defaults()
-                flat.update(_prefixed(defense, values))
-                shared = {n: values[n] for n in self._shared(space) if n in values}
-            if self._training_space is not None:
-                flat.update(_prefixed(_TRAINING, self._training_space.active_defaults(shared)))
-            configs.append(flat)
+        for recipe in self._default_recipes():
+            for defense in self.defense_choices():
+                flat: dict[str, Any] = {DEFENSE_PARAM: defense}
+                shared: dict[str, Any] = {} if recipe is None else {"recipe": recipe}
+                if defense != BASELINE:
+                    space = self._spaces[defense]
+                    values = space.active_defaults()
+                    decided = {n: values[n] for n in self._shared(space) if n in values}
+                    if recipe is not None and decided.get("recipe", recipe) != recipe:
+                        continue  # the defense decides its recipe: it appeared with it already
+                    flat.update(_prefixed(defense, values))
+                    shared = {**shared, **decided}
+                if self._training_space is not None:
+                    flat.update(_prefixed(_TRAINING, self._training_space.active_defaults(shared)))
+                if flat not in configs:
+                    configs.append(flat)
         return configs
+
+    def _default_recipes(self) -> tuple[Any, ...]:
+        """The training recipes the paper defaults are enqueued with: (None,) means the training
+        space's default only."""
+        space = self._training_space
+        if not self.defaults_per_recipe or space is None or "recipe" not in space.param_names:
+            return (None,)
+        recipe = space.param("recipe")
+        return tuple(getattr(recipe, "choices", (None,)))
 
     def allowed_keys(self, defense: str) -> list[str]:
         """Every key a flat config may hold when ``defense`` is chosen."""

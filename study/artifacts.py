@@ -71,6 +71,7 @@ def write_study_artifacts(
     """Write everything into the study folder; returns the paths to log on the parent run."""
     from study.export import export_document, front_to_quote, write_export
     from study.plots import plot_front_html, plot_front_png, plot_hypervolume_png, plot_timeline_png
+    from study.plots.defense_fronts import plot_defense_fronts_html, plot_defense_fronts_png
 
     d = spec.study_dir()
     paths: list[Path] = []
@@ -88,6 +89,10 @@ def write_study_artifacts(
     if any(r.get("final") for r in records):
         paths.append(Path(plot_front_png(records, d / "front_final.png", title=title + " — verified", stage="final")))
     paths.append(Path(plot_front_html(records, d / "front.html", title=title)))
+    stage = "final" if any(r.get("final") for r in records) else "search"
+    per_defense = f"{spec.name}: each defense's own front" + (" (verified)" if stage == "final" else "")
+    paths.append(Path(plot_defense_fronts_png(records, d / "front_defenses.png", title=per_defense, stage=stage)))
+    paths.append(Path(plot_defense_fronts_html(records, d / "front_defenses.html", title=per_defense, stage=stage)))
     history = hypervolume_series(spec, records)
     with (d / "hypervolume.csv").open("w") as handle:
         handle.write("trials,hypervolume\n")

@@ -243,11 +243,27 @@ def _report_study(outcome: Any, spec: Any) -> None:
                                                     f"final attacks: {_attack_names(spec.final_eval)}) — quote these"))
     else:
         print("\nNo verified front (verify: false): the numbers above are validation numbers of the search attacks")
-    print(f"\nresults  {outcome.study_dir}  (front.png, front.html, front.csv, best.yaml)")
+    _print_answer(outcome, spec)
+    print(f"\nresults  {outcome.study_dir}  (front.png, front_defenses.png, front.html, front.csv, best.yaml)")
     print(f"MLflow   {outcome.tracking_uri}")
     storage = spec.storage if "://" in spec.storage else spec.study_dir().parent
     print(f"open the UI:  robust-study ui --storage {storage}   (then http://127.0.0.1:5000)")
     print(f"export:       robust-study export {spec.name} --storage {storage} --out best.yaml")
+
+
+def _print_answer(outcome: Any, spec: Any) -> None:
+    """The short answer per defense and, for the defenses on the front, what mattered."""
+    from study.answer import answer_floor, format_answer, short_answer
+
+    floor = answer_floor(outcome.records, spec.clean_floor)
+    print("\n" + format_answer(short_answer(outcome.records, floor), floor, spec.clean_floor is not None))
+    path = Path(outcome.study_dir) / "importances.json"
+    if path.exists():
+        from study.importance import format_importances
+
+        on_front = sorted({r["defense"] for r in (outcome.final_front or outcome.front)})
+        data = json.loads(path.read_text())
+        print("\n" + format_importances(data, on_front, list(spec.objectives[:2])))
 
 
 def _attack_names(eval_cfg: Any) -> str:

@@ -275,3 +275,23 @@ def front_of_records(
     if not points:
         return []
     return sorted(indices[j] for j in pareto_front(points, directions))
+
+
+def defense_fronts(
+    records: Sequence[Mapping[str, Any]],
+    objectives: Sequence[str],
+    directions: Sequence[str],
+    stage: str = "search",
+) -> dict[str, list[int]]:
+    """Each defense's own front: indices into ``records``, by :func:`front_of_records` on that
+    defense's trials alone (what the defense buys, whatever the other defenses reach)."""
+    by_defense: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_defense.setdefault(str(r.get("defense", "?")), []).append(i)
+    fronts = {}
+    for defense, idx in sorted(by_defense.items()):
+        sub = [records[i] for i in idx]
+        on = front_of_records(sub, objectives, directions, stage)
+        if on:
+            fronts[defense] = [idx[j] for j in on]
+    return fronts

@@ -455,25 +455,41 @@ def front_records(records: list[dict[str, Any]], objectives: list[str], directio
     return [records[i] for i in front_of_records(records, objectives, directions, stage)]
 
 
+def _defense_front_records(spec: StudySpec, records: list[dict[str, Any]], front: list[dict[str, Any]]) -> list:
+    """Each defense's own front (records not already on the overall front), when the spec asks
+    for them to be verified too."""
+    if not spec.verify_defense_fronts:
+        return []
+    from study.pareto import defense_fronts
+
+    on_front = {id(r) for r in front}
+    wanted = {i for idx in defense_fronts(records, spec.objectives, spec.directions).values() for i in idx}
+    return [records[i] for i in sorted(wanted) if id(records[i]) not in on_front]
+
+
 def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any) -> tuple[list, list]:
     """Verify the front with the strong attacks on the test split, recompute it, write and log the
     artifacts, and put each verified trial's test numbers on its MLflow run."""
     from study.artifacts import write_study_artifacts
+    from study.importance import write_importances
     from study.searcher import close_orphaned_optuna_trials
     from study.verify import verify_front
 
     close_orphaned_optuna_trials(spec)
     front = front_records(records, spec.objectives, spec.directions)
     if spec.verify:
-        verify_front(spec, front)
+        verify_front(spec, front + _defense_front_records(spec, records, front))
     final_front = front_records(records, spec.objectives, spec.directions, stage="final")
     for record in records:
         record["on_front"] = record in front
         record["on_final_front"] = record in final_front
         record.setdefault("verified", None)
     paths = write_study_artifacts(spec, records, front, final_front)
+    importance_path, importance_metrics = write_importances(spec, spec.study_dir() / "importances.json")
+    paths.append(importance_path)
     study_run.log_verification(records)
     study_run.log_artifacts(paths)
+    study_run.log_metrics(importance_metrics)
     study_run.log_metrics(
         {
             "trials_completed": sum(r["status"] == "completed" for r in records),

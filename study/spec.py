@@ -178,8 +178,10 @@ class StudySpec(_Strict):
     """Also try the undefended model (defense none)."""
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     """The fixed training recipe every trial starts from."""
-    search_training: list[str] = Field(default_factory=list)
-    """Training parameters also searched (names from search_spaces.TRAINING_SPACE, e.g. [lr, recipe])."""
+    search_training: dict[str, list[Any] | None] = Field(default_factory=dict)
+    """Training parameters also searched: names from search_spaces.TRAINING_SPACE (e.g. [lr, recipe]),
+    or a mapping that narrows them ({recipe: [standard, fast_at], adv_eps: [0.05, 0.2]}: a subset
+    of the choices, or [low, high] inside the parameter's range)."""
     search_eval: EvalConfig = Field(default_factory=EvalConfig)
     """Cheap attacks that score every trial."""
     final_eval: EvalConfig = Field(
@@ -188,6 +190,15 @@ class StudySpec(_Strict):
     """Strong attacks that re-evaluate the front after the search (search cheap, verify strong)."""
     verify: bool = True
     """Re-evaluate the front with final_eval. Off: the front stands on the search attacks alone."""
+    paper_defaults_per_recipe: bool = False
+    """Enqueue every defense's paper defaults once per searched training recipe (with
+    search_training.recipe), so each defense is first seen with and without adversarial training."""
+    verify_defense_fronts: bool = False
+    """Also re-evaluate each defense's own front (not only the overall one): every defense's line of
+    the short answer and of front_defenses.png then stands on the strong attacks."""
+    clean_floor: float | None = Field(None, ge=0.0, le=1.0)
+    """The short answer's clean-accuracy floor (a fraction). Unset: the study's best clean accuracy
+    minus 5 points."""
     objectives: list[str] = Field(default_factory=lambda: ["clean_accuracy", "robust_accuracy"])
     """Objectives: clean_accuracy, robust_accuracy (max) and optionally train_seconds or num_parameters (min).
     The search optimises them on the validation split (Optuna's names: val_clean_accuracy, ...)."""
@@ -272,14 +283,25 @@ class StudySpec(_Strict):
 
         return validate_storage(value)
 
+    @field_validator("search_training", mode="before")
+    @classmethod
+    def _names_to_mapping(cls, value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            if len(set(value)) != len(value):
+                raise ValueError("a training parameter is listed twice")
+            return {name: None for name in value}
+        return value
+
     @field_validator("search_training")
     @classmethod
-    def _known_training_params(cls, value: list[str]) -> list[str]:
+    def _known_training_params(cls, value: dict[str, list[Any] | None]) -> dict[str, list[Any] | None]:
         from search_spaces import TRAINING_SPACE
 
-        for name in value:
+        for name, narrowed in value.items():
             if name not in TRAINING_SPACE.param_names:
                 raise ValueError(f"unknown training parameter {show(name)}; allowed: {', '.join(TRAINING_SPACE.param_names)}")
+            if narrowed is not None:
+                _narrow(TRAINING_SPACE.param(name), narrowed)
         return value
 
     @field_validator("objectives")
@@ -333,14 +355,19 @@ class StudySpec(_Strict):
             # `training` (the recipe is kept as a Fixed entry: other parameters depend on it).
             keep = set(self.search_training) | {"recipe"}
             params = tuple(
-                p if p.name in self.search_training else Fixed("recipe", self.training.recipe)
+                _narrow(p, self.search_training[p.name]) if p.name in self.search_training
+                else Fixed("recipe", self.training.recipe)
                 for p in TRAINING_SPACE.params
                 if p.name in keep
             )
-            defaults = {p.name: TRAINING_SPACE.defaults.get(p.name) for p in params}
-            defaults["recipe"] = (
-                TRAINING_SPACE.defaults["recipe"] if "recipe" in self.search_training else self.training.recipe
-            )
+            params = _prune_relations(params)
+            # The enqueued defaults start from the training values the spec states (the user's
+            # starting point) where the searched range holds them, else from the space's defaults.
+            given = self.training.model_dump(include=self.training.model_fields_set)
+            defaults = {p.name: _default_inside(p, given[p.name] if p.contains(given.get(p.name))
+                                                else TRAINING_SPACE.defaults.get(p.name)) for p in params}
+            if "recipe" not in self.search_training:
+                defaults["recipe"] = self.training.recipe
             training_space = DefenseSpace(
                 name="training", params=params, defaults=defaults,
                 description=TRAINING_SPACE.description, paper=TRAINING_SPACE.paper,
@@ -350,7 +377,66 @@ class StudySpec(_Strict):
             include_baseline=self.include_baseline,
             overrides={k: v for k, v in self.defenses.items() if v},
             training=training_space,
+            defaults_per_recipe=self.paper_defaults_per_recipe,
         )
+
+
+def _narrow(param: Any, narrowed: list[Any] | None) -> Any:
+    """``param`` restricted to a spec's narrowing: a subset of its choices, or [low, high] inside its range."""
+    import dataclasses
+
+    from search_spaces import Categorical
+
+    if narrowed is None:
+        return param
+    if isinstance(param, Categorical):
+        bad = [c for c in narrowed if not param.contains(c)]
+        if bad or not narrowed:
+            raise ValueError(f"search_training.{param.name}: {show(narrowed)} must be a non-empty subset of {list(param.choices)}")
+        return dataclasses.replace(param, choices=tuple(narrowed))
+    if (not isinstance(narrowed, list) or len(narrowed) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in narrowed)
+            or not (param.low <= narrowed[0] <= narrowed[1] <= param.high)):
+        raise ValueError(f"search_training.{param.name}: {show(narrowed)} must be [low, high] with "
+                         f"{param.low:g} <= low <= high <= {param.high:g}")
+    try:
+        return dataclasses.replace(param, low=type(param.low)(narrowed[0]), high=type(param.high)(narrowed[1]))
+    except ValueError as err:  # e.g. a step grid the narrowed range does not fit
+        raise ValueError(f"search_training.{param.name}: {err}") from None
+
+
+def _prune_relations(params: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Keep ``when`` relations consistent with narrowed choices: a parameter active only for
+    recipes that are no longer searched (adv_steps when the recipes are standard and fast_at) drops out."""
+    import dataclasses
+
+    from search_spaces import Categorical
+
+    choices = {p.name: p.choices for p in params if isinstance(p, Categorical)}
+    kept = []
+    for p in params:
+        when = getattr(p, "when", None)
+        if when is not None and when[0] in choices:
+            values = tuple(v for v in when[1] if v in choices[when[0]])
+            if not values:
+                continue
+            p = dataclasses.replace(p, when=(when[0], values))
+        kept.append(p)
+    return tuple(kept)
+
+
+def _default_inside(param: Any, default: Any) -> Any:
+    """The space's default, moved inside a narrowed parameter (its first choice or its low end, as
+    DefenseSpace.restrict does): the enqueued paper-default trial must be a point of the searched space."""
+    from search_spaces import Categorical, Fixed
+
+    if default is None or param.contains(default):
+        return default
+    if isinstance(param, Fixed):
+        return param.value
+    if isinstance(param, Categorical):
+        return param.choices[0]
+    return param.low
 
 
 def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "trial") -> TrialConfig:

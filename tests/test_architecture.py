@@ -14,7 +14,8 @@ PACKAGES = ("defenses", "search_spaces", "study")
 MAX_LINES = 600
 # The only product modules that may import Ray or Optuna: the orchestration of a study.
 ORCHESTRATION = {"study.runner", "study.searcher", "study.ray_cluster", "study.mirror", "study.verify", "study.progress",
-                 "study.tracking", "study.scheduler"}
+                 "study.tracking", "study.scheduler",
+                 "study.importance"}
 THIRD_PARTY_RUNTIME = ("ray", "optuna")
 
 

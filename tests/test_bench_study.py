@@ -74,7 +74,7 @@ def test_search_space_is_the_documented_cheap_one() -> None:
     spec = search_spec("nsga2", 1)
     assert spec.sampler.name == "nsga2" and spec.sampler.seed == 1
     assert set(spec.defenses) == {"kap", "cas"} and spec.include_baseline
-    assert spec.search_training == ["lr", "adv_eps"] and spec.training.recipe == "fast_at"
+    assert spec.search_training == {"lr": None, "adv_eps": None} and spec.training.recipe == "fast_at"
 
 
 def test_core_seconds_to_reach_reads_the_mean_curve_over_seeds() -> None:
