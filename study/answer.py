@@ -2,8 +2,8 @@
 
 A front answers "what is the best trade-off"; a reader choosing a defense asks "how robust can
 this defense get without costing more than X points of clean accuracy, with which settings, at
-what training cost". The answer reads verified (strong-attack) numbers where the defense has
-them, and says so when only the cheap search numbers exist.
+what training cost". The answer reads verified numbers (strong attacks, test split) where the
+defense has them, and says so when only the search's validation numbers exist.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ __all__ = ["Answer", "answer_floor", "format_answer", "short_answer"]
 
 # Without an explicit floor: within this many accuracy points of the study's best clean accuracy.
 DEFAULT_FLOOR_MARGIN = 0.05
+_OBJECTIVES = ("clean_accuracy", "robust_accuracy")
 
 
 @dataclass(frozen=True)
@@ -26,19 +27,26 @@ class Answer:
     number: int | None  # the trial; None when no trial of the defense clears the floor
     clean_accuracy: float | None
     robust_accuracy: float | None
-    verified: bool  # numbers from the final (strong) evaluation, not the search attack
+    verified: bool  # test-split numbers of the final (strong) evaluation, not the search's validation numbers
     params: dict[str, Any]
     train_seconds: float | None
     trials: int  # completed trusted trials of the defense
 
 
 def _numbers(record: Mapping[str, Any]) -> tuple[float, float, bool] | None:
+    """(clean, robust, verified): the test-split numbers of a trusted verification, else the
+    validation numbers of the search."""
+    from study.records import stage_values
+
     final = record.get("final")
-    if final and final.get("trusted") and final.get("clean_accuracy") is not None:
-        return float(final["clean_accuracy"]), float(final["robust_accuracy"]), True
-    if record.get("clean_accuracy") is None or record.get("robust_accuracy") is None:
+    if final and final.get("trusted"):
+        clean, robust = stage_values(record, _OBJECTIVES, "final")
+        if clean is not None and robust is not None:
+            return float(clean), float(robust), True
+    clean, robust = stage_values(record, _OBJECTIVES, "search")
+    if clean is None or robust is None:
         return None
-    return float(record["clean_accuracy"]), float(record["robust_accuracy"]), False
+    return float(clean), float(robust), False
 
 
 def answer_floor(records: Sequence[Mapping[str, Any]], floor: float | None) -> float:
@@ -91,7 +99,7 @@ def format_answer(answers: Sequence[Answer], floor: float, explicit: bool) -> st
         if a.number is None:
             lines.append(f"  {a.defense:<10} none of its {a.trials} trusted trial(s) reaches the floor")
             continue
-        stage = "verified" if a.verified else "search attack only"
+        stage = "verified, test split" if a.verified else "unverified: search attack, validation split"
         seconds = f"{a.train_seconds:.0f}s training" if a.train_seconds is not None else "training time unknown"
         params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(a.params.items())) or "defaults"
         lines.append(f"  {a.defense:<10} robust {a.robust_accuracy * 100:5.1f}% at clean {a.clean_accuracy * 100:5.1f}%"

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from study.records import SEARCH_SPLIT, labelled
 from study.searcher import optuna_storage_url
 from study.spec import StudySpec
 
@@ -57,7 +58,8 @@ def study_importances(spec: StudySpec) -> dict[str, Any]:
     except KeyError:
         return {}
     done = study.get_trials(deepcopy=True, states=(optuna.trial.TrialState.COMPLETE,))
-    objectives = list(spec.objectives)
+    # Optuna was told validation numbers: the keys say so (val_clean_accuracy, ...).
+    objectives = [labelled(o, SEARCH_SPLIT) for o in spec.objectives]
     result: dict[str, Any] = {}
     if len(done) >= MIN_TRIALS:
         result[OVERALL] = _importances(done, spec.directions, objectives, spec.seed)
@@ -85,7 +87,7 @@ def write_importances(spec: StudySpec, path: Path) -> tuple[Path, dict[str, floa
 
 def format_importances(data: dict[str, Any], scopes: list[str], objectives: list[str], top: int = 3) -> str:
     """The most important parameters per objective for ``scopes`` (defenses), as text lines."""
-    lines = ["Hyperparameter importance (fANOVA; rough with few trials)"]
+    lines = ["Hyperparameter importance (fANOVA on the search's validation numbers; rough with few trials)"]
     for scope in scopes:
         entry = data.get(scope)
         if not entry:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from study import cli
+from study import cli, report
 from study.records import labelled, stage_values
 
 
@@ -107,7 +107,7 @@ def test_failed_verification_is_marked_in_table_csv_and_export_and_sets_the_exit
 
     front = front_to_quote(records)
     assert [r["number"] for r in front] == [0, 1]
-    table = cli.format_front(front, "Verified front")
+    table = report.format_front(front, "Verified front")
     assert "val clean" in table and "test clean" in table
     row_good, row_bad = (line for line in table.splitlines() if line.strip().startswith(("0 ", "1 ")))
     assert "88.0%" in row_good and "90.0%" in row_good  # test and val numbers, side by side
