@@ -374,7 +374,7 @@ class _FlattenHead(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def _vgg16_map_side(input_size: object, head: str) -> int:
+def vgg16_map_side(input_size: object, head: str) -> int:
     """Side of VGG-16's last feature map for ``head``: 1 (average-pooled) or the flattened map's."""
     if head not in HEADS:
         raise ValueError(f"head={head!r} must be one of {', '.join(HEADS)}")
@@ -425,7 +425,7 @@ class VGG16(nn.Module):
         super().__init__()
         _check_counts(num_classes, in_channels)
         _check_width(width)
-        side = _vgg16_map_side(input_size, head)
+        side = vgg16_map_side(input_size, head)
         n_convs = sum(1 for v in _VGG16_CFG if v != "M")
         sites = _Sites(layers, n_convs=n_convs, n_blocks=n_convs, backbone="vgg16")
         feats: list[nn.Module] = []

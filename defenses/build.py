@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from defenses._placement import resolve_k
 from defenses._registry import BASELINE, get_defense, list_defenses
-from defenses.backbones import BACKBONES, HEAD_OPTIONS, HEADS, LayerSet, list_backbones
+from defenses.backbones import BACKBONES, HEAD_OPTIONS, HEADS, LayerSet, list_backbones, vgg16_map_side
 
-__all__ = ["DEFENSE_PARAMS", "Normalize", "build_model", "resolve_k"]
+__all__ = ["DEFENSE_PARAMS", "Normalize", "build_model", "check_head", "resolve_k"]
 
 
 class _ParamsView(Mapping[str, tuple[str, ...]]):
@@ -94,6 +94,23 @@ class Normalize(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = (1, self.mean.shape[1]) + (1,) * (x.dim() - 2)
         return (x - self.mean.reshape(shape)) / self.std.reshape(shape)
+
+
+def check_head(backbone: str, head: str, input_size: int | None) -> None:
+    """Refuse a classifier head the backbone does not offer or the input size does not allow.
+
+    Raises:
+        ValueError: one line naming the head, the backbone and what is allowed.
+    """
+    offered = HEAD_OPTIONS.get(backbone, ("gap",))
+    if head not in offered:
+        others = sorted(b for b, heads in HEAD_OPTIONS.items() if head in heads)
+        raise ValueError(
+            f"head={head!r} is not offered for {backbone}; allowed: {', '.join(offered)}"
+            + (f" ({head!r} only for {', '.join(others)})" if others else f" (heads: {', '.join(HEADS)})")
+        )
+    if backbone == "vgg16":
+        vgg16_map_side(input_size, head)
 
 
 def _place_baseline(params: Mapping[str, Any], num_classes: int) -> LayerSet:
@@ -176,13 +193,7 @@ def build_model(
         raise ValueError(f"num_classes={num_classes!r} must be an int >= 1")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels={in_channels!r} must be an int >= 1")
-    offered = HEAD_OPTIONS.get(backbone, ("gap",))
-    if head not in offered:
-        others = sorted(b for b, heads in HEAD_OPTIONS.items() if head in heads)
-        raise ValueError(
-            f"head={head!r} is not offered for {backbone}; allowed: {', '.join(offered)}"
-            + (f" ({head!r} only for {', '.join(others)})" if others else f" (heads: {', '.join(HEADS)})")
-        )
+    check_head(backbone, head, input_size)
     head_args: dict[str, Any] = {"head": head, "input_size": input_size} if head != "gap" else {}
     normalize = Normalize(mean, std, channels=in_channels)
     layers = place(params, num_classes)

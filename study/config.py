@@ -343,9 +343,14 @@ def parse_trial_config(data: dict[str, Any] | None) -> TrialConfig:
 def check_buildable(config: TrialConfig) -> None:
     """Build the model once (CPU, discarded) so the constructors' range checks run at load time."""
     from defenses import build_model
+    from defenses.build import check_head
     from study.data import dataset_info
 
     info = dataset_info(config.data)
+    try:
+        check_head(config.model.backbone, config.model.head, info.image_size)
+    except ValueError as err:
+        raise ConfigError(f"model.head: {err}") from None
     # The constructors own the ranges: one source of truth.
     build_model(
         config.model.backbone,

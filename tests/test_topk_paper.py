@@ -128,7 +128,10 @@ def test_flatten_head_refused_with_one_line(backbone: str, kwargs: dict, needle:
 def test_trial_config_checks_the_head_against_the_dataset(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_trial_config({"model": {"backbone": "vgg16", "head": "flatten"}})  # digits: 8x8
-    assert "at least 32x32" in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith("model.head: head='flatten' needs inputs of at least 32x32")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="model.head: head='flatten' is not offered for resnet18"):
+        parse_trial_config({"model": {"backbone": "resnet18", "head": "flatten"}})
     config = parse_trial_config(
         {"data": {"name": "cifar10", "data_dir": str(tmp_path)}, "model": {"backbone": "vgg16", "head": "flatten"}}
     )
