@@ -273,3 +273,12 @@ def test_reproduction_specs_validate(tmp_path: Path, monkeypatch: pytest.MonkeyP
     model = make_model(config, dataset_info(config.data))
     assert _names(model, TopKConv2d) == {"net.features.15.unit.conv": 51, "net.features.16.unit.conv": 51}
     assert _names(model, DynamicKLinear) == {"net.head.fc.fc1": 250, "net.head.fc.fc2": 10}
+
+
+def test_layerset_checks_the_new_sites() -> None:
+    from defenses import LayerSet
+
+    with pytest.raises(ValueError, match="last_linear=3 must be callable or None"):
+        LayerSet(last_linear=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="last_conv_norm=1 must be True or False"):
+        LayerSet(last_conv_norm=1)  # type: ignore[arg-type]
