@@ -41,12 +41,14 @@ from torch import Tensor, nn
 __all__ = [
     "BACKBONES",
     "HEADS",
+    "HEAD_OPTIONS",
     "LayerSet",
     "list_backbones",
     "resnet18",
     "resnet20",
     "small_cnn",
     "vgg16",
+    "vgg16_map_side",
 ]
 
 ChannelFactory = Callable[[int], nn.Module]
