@@ -282,3 +282,14 @@ def test_layerset_checks_the_new_sites() -> None:
         LayerSet(last_linear=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="last_conv_norm=1 must be True or False"):
         LayerSet(last_conv_norm=1)  # type: ignore[arg-type]
+
+
+def test_neuron_unit_keeping_every_channel_is_conv_then_batchnorm() -> None:
+    torch.manual_seed(0)
+    unit = TopKNeuronConvBN(3, 5, 3, k=5, padding=1).train()
+    conv, bn = nn.Conv2d(3, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5).train()
+    conv.load_state_dict(unit.conv.state_dict())
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(unit(x), bn(conv(x)))
+    torch.testing.assert_close(unit.bn.running_mean, bn.running_mean)
+    torch.testing.assert_close(unit.bn.running_var, bn.running_var)
