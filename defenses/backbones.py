@@ -12,7 +12,9 @@ papers put them by filling in the matching factory (see :func:`defenses.build.bu
   appendix A.3: widen the network by the factor KAP's stride removes).
 * ``last_conv(in, out, kernel, stride, padding)``: the last ``n_last_convs`` main-path convs
   (TopKConv; Eigen & Sadovnik put it in the two convs before the FC layers).
-* ``linear(in, out)``: every fully connected layer (Dynamic-k).
+* ``linear(in, out)``: every fully connected layer (Dynamic-k); ``last_linear(in, out)``, when
+  set, the classifier alone (the last FC layer), so a defense can give it its own settings
+  (TopKConv's Dynamic-k heads: k = 250 of 25,088 in the penultimate FC layer, 10 of 512 in the last).
 * ``block_out(channels)``: after each of the last ``n_block_out`` blocks (CAS; Bai et al.,
   "Improving adversarial robustness via channel-wise activation suppressing").
 
@@ -38,12 +40,15 @@ from torch import Tensor, nn
 
 __all__ = [
     "BACKBONES",
+    "HEADS",
+    "HEAD_OPTIONS",
     "LayerSet",
     "list_backbones",
     "resnet18",
     "resnet20",
     "small_cnn",
     "vgg16",
+    "vgg16_map_side",
 ]
 
 ChannelFactory = Callable[[int], nn.Module]
@@ -87,7 +92,12 @@ class LayerSet:
         last_conv: ``last_conv(in, out, kernel, stride, padding) -> Module`` for the last
             ``n_last_convs`` main-path convs (BN follows, so no bias is needed).
         n_last_convs: How many of the last main-path convs use ``last_conv`` (0 = none).
+        last_conv_norm: ``last_conv`` modules normalise their own output, so the backbone puts no
+            BatchNorm after them (TKC-neuron: BN over the kept channels only, pruned ones zeroed
+            after it).
         linear: ``linear(in, out) -> Module`` for every fully connected layer.
+        last_linear: ``last_linear(in, out) -> Module`` for the classifier (the last FC layer);
+            None = ``linear``.
         block_out: ``block_out(channels) -> Module`` after each of the last ``n_block_out`` blocks.
         n_block_out: How many of the last blocks are followed by ``block_out`` (0 = none).
     """
@@ -97,7 +107,9 @@ class LayerSet:
     conv_width: int = 1
     last_conv: ConvFactory = conv2d
     n_last_convs: int = 0
+    last_conv_norm: bool = False
     linear: LinearFactory = linear
+    last_linear: LinearFactory | None = None
     block_out: ChannelFactory = identity
     n_block_out: int = 0
 
@@ -113,6 +125,14 @@ class LayerSet:
         for field_name in ("act", "post_conv", "last_conv", "linear", "block_out"):
             if not callable(getattr(self, field_name)):
                 raise ValueError(f"{field_name}={getattr(self, field_name)!r} must be callable")
+        if self.last_linear is not None and not callable(self.last_linear):
+            raise ValueError(f"last_linear={self.last_linear!r} must be callable or None")
+        if not isinstance(self.last_conv_norm, bool):
+            raise ValueError(f"last_conv_norm={self.last_conv_norm!r} must be True or False")
+
+    def classifier(self, in_features: int, out_features: int) -> nn.Module:
+        """The last FC layer: ``last_linear`` when set, else ``linear``."""
+        return (self.last_linear or self.linear)(in_features, out_features)
 
 
 def scale_channels(channels: int, width: float) -> int:
@@ -163,10 +183,11 @@ class _Sites:
         is_last = self._conv_i >= self._n_convs - lay.n_last_convs
         self._conv_i += 1
         make_conv = lay.last_conv if is_last else conv2d
+        norm: nn.Module = nn.Identity() if is_last and lay.last_conv_norm else nn.BatchNorm2d(wide)
         return nn.Sequential(
             OrderedDict(
                 conv=make_conv(in_channels, wide, kernel_size, stride, padding),
-                bn=nn.BatchNorm2d(wide),
+                bn=norm,
                 post=lay.post_conv(wide),
             )
         )
@@ -273,7 +294,7 @@ class SmallCNN(nn.Module):
             nn.MaxPool2d(2, ceil_mode=True),
             ConvBlock(sites, c2, c3),
         )
-        self.head = _Head(layers.linear(c3, num_classes))
+        self.head = _Head(layers.classifier(c3, num_classes))
         sites.check_done()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -322,7 +343,7 @@ class CifarResNet(nn.Module):
         for s, stage in enumerate(stages, start=1):
             self.add_module(f"layer{s}", stage)
         self._n_stages = len(stages)
-        self.head = _Head(layers.linear(prev, num_classes))
+        self.head = _Head(layers.classifier(prev, num_classes))
         sites.check_done()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -338,25 +359,75 @@ _VGG16_CFG: tuple[int | str, ...] = (
 )
 
 
+HEADS: tuple[str, ...] = ("gap", "flatten")
+# Below this side VGG-16's five 2x2 max-pools no longer see whole windows (ceil_mode pads them):
+# there is no spatial map left for a flatten head to keep.
+_VGG16_FLATTEN_MIN_SIZE = 32
+
+
+class _FlattenHead(nn.Module):
+    """Flatten the whole feature map (no pooling), then the given FC stack (VGG's own head)."""
+
+    def __init__(self, fc: nn.Module) -> None:
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(x, 1))
+
+
+def vgg16_map_side(input_size: object, head: str) -> int:
+    """Side of VGG-16's last feature map for ``head``: 1 (average-pooled) or the flattened map's."""
+    if head not in HEADS:
+        raise ValueError(f"head={head!r} must be one of {', '.join(HEADS)}")
+    if head == "gap":
+        return 1
+    if isinstance(input_size, bool) or not isinstance(input_size, int):
+        raise ValueError(
+            f"head='flatten' needs the input size (an int); got input_size={input_size!r}"
+        )
+    if input_size < _VGG16_FLATTEN_MIN_SIZE:
+        raise ValueError(
+            f"head='flatten' needs inputs of at least {_VGG16_FLATTEN_MIN_SIZE}x"
+            f"{_VGG16_FLATTEN_MIN_SIZE} for vgg16 (five 2x2 max-pools); got {input_size}x"
+            f"{input_size}: use head 'gap'"
+        )
+    side = input_size
+    for v in _VGG16_CFG:
+        if v == "M":
+            side = -(-side // 2)  # ceil_mode pooling
+    return side
+
+
 class VGG16(nn.Module):
     """CIFAR VGG-16 with BatchNorm (config D) and the TopKConv paper's two FC layers.
 
     Eigen & Sadovnik ("TopKConv: increased adversarial robustness through deeper
     interpretability") use VGG-16 with TopKConv in the two convs before the FC layers and
-    Dynamic-k in both FC layers: here ``Linear(512w, 512w) -> act -> Linear(512w, classes)``.
-    Pools use ``ceil_mode`` and the head average-pools to 1x1, which changes nothing at 32x32
-    (the map is already 1x1) but lets inputs smaller than 32x32 (e.g. 8x8 digits) pass.
+    Dynamic-k in both FC layers: here ``Linear(F, 512w) -> act -> Linear(512w, classes)``.
+    ``head="gap"`` (default) average-pools the last map to 1x1 (F = 512w); pools use ``ceil_mode``
+    so inputs smaller than 32x32 (e.g. 8x8 digits) pass. ``head="flatten"`` is the paper's head:
+    the last map is flattened without pooling (at 224x224, F = 512 * 7 * 7 = 25,088); it needs
+    ``input_size`` >= 32.
 
     Shape:
         (N, in_channels, H, W) -> (N, num_classes)
     """
 
     def __init__(
-        self, *, num_classes: int, in_channels: int = 3, width: float = 1, layers: LayerSet
+        self,
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        width: float = 1,
+        layers: LayerSet,
+        head: str = "gap",
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
         _check_counts(num_classes, in_channels)
         _check_width(width)
+        side = vgg16_map_side(input_size, head)
         n_convs = sum(1 for v in _VGG16_CFG if v != "M")
         sites = _Sites(layers, n_convs=n_convs, n_blocks=n_convs, backbone="vgg16")
         feats: list[nn.Module] = []
@@ -370,15 +441,14 @@ class VGG16(nn.Module):
                 prev = c
         self.features = nn.Sequential(*feats)
         hidden = scale_channels(512, width)
-        self.head = _Head(
-            nn.Sequential(
-                OrderedDict(
-                    fc1=layers.linear(prev, hidden),
-                    act=layers.act(hidden),
-                    fc2=layers.linear(hidden, num_classes),
-                )
+        fc = nn.Sequential(
+            OrderedDict(
+                fc1=layers.linear(prev * side * side, hidden),
+                act=layers.act(hidden),
+                fc2=layers.classifier(hidden, num_classes),
             )
         )
+        self.head: nn.Module = _FlattenHead(fc) if head == "flatten" else _Head(fc)
         sites.check_done()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -432,11 +502,18 @@ def resnet20(
 
 
 def vgg16(
-    *, num_classes: int, in_channels: int = 3, width: float = 1, layers: LayerSet | None = None
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    width: float = 1,
+    layers: LayerSet | None = None,
+    head: str = "gap",
+    input_size: int | None = None,
 ) -> nn.Module:
-    """CIFAR VGG-16-BN with two FC layers (see :class:`VGG16`)."""
+    """CIFAR VGG-16-BN with two FC layers; ``head="flatten"`` is the paper's (see :class:`VGG16`)."""
     return VGG16(
-        num_classes=num_classes, in_channels=in_channels, width=width, layers=layers or LayerSet()
+        num_classes=num_classes, in_channels=in_channels, width=width, layers=layers or LayerSet(),
+        head=head, input_size=input_size,
     )
 
 
@@ -446,6 +523,10 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "vgg16": vgg16,
 }
+
+
+# Backbones that offer heads other than "gap" (the rest always average-pool).
+HEAD_OPTIONS: dict[str, tuple[str, ...]] = {"vgg16": HEADS}
 
 
 def list_backbones() -> list[str]:

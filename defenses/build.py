@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from defenses._placement import resolve_k
 from defenses._registry import BASELINE, get_defense, list_defenses
-from defenses.backbones import BACKBONES, LayerSet, list_backbones
+from defenses.backbones import BACKBONES, HEAD_OPTIONS, HEADS, LayerSet, list_backbones, vgg16_map_side
 
-__all__ = ["DEFENSE_PARAMS", "Normalize", "build_model", "resolve_k"]
+__all__ = ["DEFENSE_PARAMS", "Normalize", "build_model", "check_head", "resolve_k"]
 
 
 class _ParamsView(Mapping[str, tuple[str, ...]]):
@@ -96,6 +96,23 @@ class Normalize(nn.Module):
         return (x - self.mean.reshape(shape)) / self.std.reshape(shape)
 
 
+def check_head(backbone: str, head: str, input_size: int | None) -> None:
+    """Refuse a classifier head the backbone does not offer or the input size does not allow.
+
+    Raises:
+        ValueError: one line naming the head, the backbone and what is allowed.
+    """
+    offered = HEAD_OPTIONS.get(backbone, ("gap",))
+    if head not in offered:
+        others = sorted(b for b, heads in HEAD_OPTIONS.items() if head in heads)
+        raise ValueError(
+            f"head={head!r} is not offered for {backbone}; allowed: {', '.join(offered)}"
+            + (f" ({head!r} only for {', '.join(others)})" if others else f" (heads: {', '.join(HEADS)})")
+        )
+    if backbone == "vgg16":
+        vgg16_map_side(input_size, head)
+
+
 def _place_baseline(params: Mapping[str, Any], num_classes: int) -> LayerSet:
     return LayerSet()
 
@@ -110,6 +127,8 @@ def build_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     width: float = 1,
+    head: str = "gap",
+    input_size: int | None = None,
 ) -> nn.Module:
     """Build ``Normalize -> backbone`` with ``defense`` at its paper sites.
 
@@ -130,6 +149,9 @@ def build_model(
         mean: Per-channel input mean (length ``in_channels``) or None.
         std: Per-channel input std (length ``in_channels``) or None.
         width: Channel multiplier (ints as in the papers; fractions allowed for quick studies).
+        head: "gap" (average-pool the last map, every backbone) or "flatten" (flatten it without
+            pooling: VGG-16's head in the TopKConv paper; vgg16 only, inputs >= 32x32).
+        input_size: Side H = W of the inputs; needed by ``head="flatten"``.
 
     Returns:
         ``nn.Sequential(normalize=Normalize, net=backbone)`` taking inputs in [0, 1] and
@@ -171,9 +193,11 @@ def build_model(
         raise ValueError(f"num_classes={num_classes!r} must be an int >= 1")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels={in_channels!r} must be an int >= 1")
+    check_head(backbone, head, input_size)
+    head_args: dict[str, Any] = {"head": head, "input_size": input_size} if head != "gap" else {}
     normalize = Normalize(mean, std, channels=in_channels)
     layers = place(params, num_classes)
     net = make_backbone(
-        num_classes=num_classes, in_channels=in_channels, width=width, layers=layers
+        num_classes=num_classes, in_channels=in_channels, width=width, layers=layers, **head_args
     )
     return nn.Sequential(OrderedDict(normalize=normalize, net=net))

@@ -11,8 +11,10 @@ width; the model builder turns it into a count (``max(1, round(k * n))``) for th
 ``k``.
 
 Paper defaults: TopKConv in the 2 convs before the classifier with k = 10% of the channels,
-TKC-max; Dynamic-k with k = 250 of 25,088 (~1%) in the penultimate and 10 of 512 (~2%) in the
-final dense layer -- one fraction for both here, 2%.
+TKC-max, and -- in every TopKConv result of the paper -- Dynamic-k in the dense layers with
+k = 250 of 25,088 in the penultimate and 10 of 512 in the final one (``k_dense_hidden``,
+``k_dense_last``, as those exact fractions; ``dynamic_k_heads: false`` runs TopKConv alone). The
+standalone ``dynamic_k`` defense uses one fraction for every dense layer, 2%.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ _PAPER = (
 # Space parameters that are not keyword arguments of defenses.topk.TopKConv2d:
 TOPKCONV_NON_CONSTRUCTOR_PARAMS: tuple[str, ...] = (
     "layers",  # placement: how many of the backbone's last convs are replaced
+    "dynamic_k_heads",  # placement: Dynamic-k in the dense layers (the paper) or plain ones
+    "k_dense_hidden",  # DynamicKLinear's k in the dense layers before the classifier
+    "k_dense_last",  # DynamicKLinear's k in the classifier
 )
+_HEADS_ON = ("dynamic_k_heads", (True,))
 # Every Dynamic-k parameter is a keyword argument of defenses.topk.DynamicKLinear.
 DYNAMIC_K_NON_CONSTRUCTOR_PARAMS: tuple[str, ...] = ()
 NON_CONSTRUCTOR_PARAMS: tuple[str, ...] = (
@@ -49,11 +55,18 @@ TOPKCONV_SPACE = DefenseSpace(
         Float("k", 0.05, 0.5),
         Categorical("criterion", ("max", "sum", "neuron")),
         Int("layers", 1, 2),
+        Categorical("dynamic_k_heads", (False, True)),
+        Float("k_dense_hidden", 0.002, 0.5, log=True, when=_HEADS_ON),
+        Float("k_dense_last", 0.005, 0.5, log=True, when=_HEADS_ON),
     ),
-    defaults={"k": 0.1, "criterion": "max", "layers": 2},
+    defaults={
+        "k": 0.1, "criterion": "max", "layers": 2, "dynamic_k_heads": True,
+        "k_dense_hidden": 250 / 25088, "k_dense_last": 10 / 512,
+    },
     description=(
         "TopKConv: each output channel sums only the k (fraction of input channels) "
-        "top-ranked depthwise responses, in the last `layers` convs"
+        "top-ranked depthwise responses, in the last `layers` convs; with Dynamic-k dense "
+        "layers (the paper's combination) unless dynamic_k_heads is false"
     ),
     paper=_PAPER,
 )

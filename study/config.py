@@ -75,6 +75,9 @@ class ModelConfig(_Strict):
     """Backbone architecture."""
     width: int = Field(1, ge=1, le=16)
     """Channel multiplier."""
+    head: Literal["gap", "flatten"] = "gap"
+    """gap: average-pool the last feature map | flatten: flatten it unpooled (vgg16 only, inputs >= 32x32:
+    the TopKConv paper's VGG-16 head, 25,088 inputs at 224x224)."""
     defense: str = "none"
     """A registered defense placed at its paper sites; `none` is the undefended baseline."""
     defense_params: dict[str, Any] = Field(default_factory=dict)
@@ -344,17 +347,24 @@ def parse_trial_config(data: dict[str, Any] | None) -> TrialConfig:
 def check_buildable(config: TrialConfig) -> None:
     """Build the model once (CPU, discarded) so the constructors' range checks run at load time."""
     from defenses import build_model
-    from study.data import dataset_shape
+    from defenses.build import check_head
+    from study.data import dataset_info
 
-    channels, num_classes = dataset_shape(config.data)
+    info = dataset_info(config.data)
+    try:
+        check_head(config.model.backbone, config.model.head, info.image_size)
+    except ValueError as err:
+        raise ConfigError(f"model.head: {err}") from None
     # The constructors own the ranges: one source of truth.
     build_model(
         config.model.backbone,
-        num_classes=num_classes,
-        in_channels=channels,
+        num_classes=info.num_classes,
+        in_channels=info.channels,
         defense=None if config.model.defense == "none" else config.model.defense,
         defense_params=dict(config.model.defense_params),
         width=config.model.width,
+        head=config.model.head,
+        input_size=info.image_size,
     )
 
 

@@ -486,10 +486,14 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
         raise ConfigError(_format_error(err)) from None
 
 
-BUILTIN_SPECS = (
-    "demo", "cifar10_kap", "cifar10_kwta", "cifar10_kaf", "cifar10_topkconv", "cifar10_cas",
-    "reproduce_cas", "reproduce_cas_digits",
-)
+def _builtin_names() -> tuple[str, ...]:
+    # Every YAML file shipped in study/specs is a built-in spec (the demo first): adding one is
+    # adding a file. study/specs/bench holds benchmark workloads, which are not studies to run.
+    names = sorted(p.name[:-5] for p in resources.files("study.specs").iterdir() if p.name.endswith(".yaml"))
+    return tuple(sorted(names, key=lambda n: n != "demo"))
+
+
+BUILTIN_SPECS = _builtin_names()
 
 
 def _builtin_text(name: str) -> str:

@@ -96,6 +96,8 @@ def make_model(config: TrialConfig, bundle_info: Any) -> torch.nn.Module:
         mean=bundle_info.mean,
         std=bundle_info.std,
         width=config.model.width,
+        head=config.model.head,
+        input_size=bundle_info.image_size,
     )
 
 

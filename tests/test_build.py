@@ -281,7 +281,7 @@ def test_layer_keyword_names_match_constructors() -> None:
         "noise": (ActivationNoise, set()),
         "kwta": (KWinnersTakeAll, {"gamma_start", "gamma_step", "gamma_every"}),
         "kaf": (KernelActivation, set()),
-        "topkconv": (TopKConv2d, {"layers"}),
+        "topkconv": (TopKConv2d, {"layers", "dynamic_k_heads", "k_dense_hidden", "k_dense_last"}),
         "dynamic_k": (DynamicKLinear, set()),
     }
     for defense, (cls, build_only) in passed_through.items():

@@ -79,9 +79,13 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_tree(tmp_path: Pa
         f"site = {str(site)!r}\n"
         "for m in (study, defenses, search_spaces):\n"
         "    assert m.__file__.startswith(site), m.__file__\n"
+        "from study.errors import ConfigError\n"
         "from study.spec import BUILTIN_SPECS, load_spec\n"
         "for name in BUILTIN_SPECS:\n"
-        "    assert load_spec(name).name, name\n"
+        "    try:\n"
+        "        assert load_spec(name).name, name\n"
+        "    except ConfigError as err:  # a paper's dataset the user brings (CINIC-10): only that may be missing\n"
+        "        assert 'no dataset at' in str(err), err\n"
         "print('loaded', len(BUILTIN_SPECS))\n"
     )
     assert "loaded" in _run([str(python), "-c", check], cwd=work, env=env).stdout

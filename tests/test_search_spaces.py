@@ -125,7 +125,9 @@ def test_paper_defaults_are_the_documented_ones():
     assert SPACES["kwta"].defaults["gamma"] == 0.1
     assert SPACES["kwta"].defaults["gamma_start"] == 0.2
     assert SPACES["kaf"].defaults["dictionary_size"] == 20
-    assert SPACES["topkconv"].defaults == {"k": 0.1, "criterion": "max", "layers": 2}
+    assert SPACES["topkconv"].defaults == {
+        "k": 0.1, "criterion": "max", "layers": 2, "dynamic_k_heads": True,
+        "k_dense_hidden": 250 / 25088, "k_dense_last": 10 / 512}
     assert SPACES["dynamic_k"].defaults == {"k": 0.02}
     assert SPACES["cas"].defaults == {"beta": 2.0, "placement": "last2", "recipe": "pgd_at"}
     assert TRAINING_SPACE.defaults["recipe"] == "standard"

@@ -12,7 +12,8 @@ the k input channels whose responses rank highest, per sample:
 
 where score is the spatial max (TKC-max, the paper's choice) or the spatial sum (TKC-sum, the active
 line of the public code). TKC-neuron is an ordinary conv that keeps, per sample, the k output
-channels with the largest spatial max. Dynamic-k dense: out_j = sum of the k largest signed products
+channels with the largest spatial max (in a backbone: :class:`TopKNeuronConvBN`, whose BatchNorm
+sees only the kept channels and leaves the pruned ones exactly 0). Dynamic-k dense: out_j = sum of the k largest signed products
 W_ji * x_i, plus b_j.
 
 Cost. Written naively (``topk_conv2d_naive``) TopKConv materialises and keeps for backward all
@@ -32,7 +33,10 @@ from __future__ import annotations
 
 from defenses.topk._common import TOPK_CRITERIA, _plan  # noqa: F401  (_plan: the tests check it)
 from defenses.topk.dynamic_k import DYNAMIC_K, DynamicKLinear, dynamic_k_linear, dynamic_k_linear_naive
+from defenses.topk.neuron import TopKNeuronConvBN, masked_batch_norm
 from defenses.topk.topkconv import (
+    K_DENSE_HIDDEN,
+    K_DENSE_LAST,
     TOPKCONV_K,
     TOPKCONV_LAYERS,
     TopKConv2d,
@@ -43,13 +47,17 @@ from defenses.topk.topkconv import (
 
 __all__ = [
     "DYNAMIC_K",
+    "K_DENSE_HIDDEN",
+    "K_DENSE_LAST",
     "TOPKCONV_K",
     "TOPKCONV_LAYERS",
     "TOPK_CRITERIA",
     "DynamicKLinear",
     "TopKConv2d",
+    "TopKNeuronConvBN",
     "dynamic_k_linear",
     "dynamic_k_linear_naive",
+    "masked_batch_norm",
     "topk_conv2d",
     "topk_conv2d_mask",
     "topk_conv2d_naive",

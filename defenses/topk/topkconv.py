@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from defenses._placement import check_k, default_of, resolve_k
+from defenses._placement import check_k, default_of, flag, resolve_k
 from defenses._registry import Example, register_defense
 from defenses.backbones import LayerSet
 from defenses.topk._common import (
     _PAPER,
+    TOPK_CRITERIA,
     _check_criterion,
     _check_k,
     _check_positive,
@@ -26,6 +27,8 @@ from defenses.topk._common import (
     _plan,
     _ranges,
 )
+from defenses.topk.dynamic_k import DynamicKLinear
+from defenses.topk.neuron import TopKNeuronConvBN, _neuron_keep
 
 # --------------------------------------------------------------------------- TopKConv: lean form
 
@@ -190,13 +193,6 @@ class _TopKConv2dFunction(torch.autograd.Function):
             x, weight, keep, grad_out, stride, padding, chunk_bytes, need_x, need_w
         )
         return grad_x, grad_w, None, None, None, None, None
-
-
-def _neuron_keep(y: Tensor, k: int) -> Tensor:
-    """Bool (N, C_out): the k output channels with the largest spatial max, per sample."""
-    scores = y.detach().amax(dim=(2, 3))
-    top = scores.topk(k, dim=1, sorted=False).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
 
 
 def _check_conv_args(
@@ -420,33 +416,76 @@ class TopKConv2d(nn.Module):
 
 TOPKCONV_K = 0.1  # Eigen & Sadovnik: k = 10% of the channels
 TOPKCONV_LAYERS = 2  # ... in the two convs before the FC layers
+# Every TopKConv result in the paper also has Dynamic-k in both FC layers: k = 250 of the 25,088
+# inputs of the penultimate one and 10 of the 512 of the last. Fractions, so that the paper's
+# network gets exactly those counts and a smaller one the same shares.
+K_DENSE_HIDDEN = 250 / 25088
+K_DENSE_LAST = 10 / 512
+_DENSE_PARAMS = ("k_dense_hidden", "k_dense_last")
+
+
+def _dynamic_k_fc(k: float, which: str) -> Any:
+    def fc(fin: int, fout: int) -> nn.Module:
+        kk = resolve_k(k, fin, what="in_features", layer=f"DynamicKLinear({fin}->{fout}, {which})")
+        return DynamicKLinear(fin, fout, k=kk)
+
+    return fc
 
 
 def _place_topkconv(params: Mapping[str, Any], num_classes: int) -> LayerSet:
-    """TopKConv2d for the last ``layers`` main-path convs."""
+    """TopKConv for the last ``layers`` main-path convs; Dynamic-k in the FC layers (the paper's
+    combination) unless ``dynamic_k_heads`` is False.
+
+    ``k_dense_last`` is the classifier's k (every backbone); ``k_dense_hidden`` that of the FC
+    layers before it (VGG-16's penultimate one). TKC-neuron comes with its own BatchNorm over the
+    kept channels (:class:`TopKNeuronConvBN`), so pruned channels are 0 at the activation.
+    """
     k = params.get("k", TOPKCONV_K)
     criterion = params.get("criterion", default_of(TopKConv2d, "criterion"))
     n_layers = params.get("layers", TOPKCONV_LAYERS)
     if isinstance(n_layers, bool) or not isinstance(n_layers, numbers.Integral) or n_layers < 1:
         raise ValueError(f"layers={n_layers!r} must be an int >= 1 (paper: 2)")
     check_k(k, "TopKConv2d")
+    if criterion not in TOPK_CRITERIA:
+        raise ValueError(f"criterion={criterion!r} must be one of {list(TOPK_CRITERIA)}")
+    heads = flag(params, "dynamic_k_heads", True)
+    if not heads:
+        stray = [p for p in _DENSE_PARAMS if p in params]
+        if stray:
+            raise ValueError(
+                f"{stray[0]} sets a Dynamic-k head's k: it needs dynamic_k_heads=True "
+                "(False = plain dense layers)"
+            )
+    k_hidden = params.get("k_dense_hidden", K_DENSE_HIDDEN)
+    k_last = params.get("k_dense_last", K_DENSE_LAST)
+    check_k(k_hidden, "the hidden DynamicKLinear layers (k_dense_hidden)")
+    check_k(k_last, "the last DynamicKLinear layer (k_dense_last)")
 
     def last_conv(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Module:
         # "neuron" keeps k output channels; "max"/"sum" keep k input channels per output.
         n, what = (cout, "out_channels") if criterion == "neuron" else (cin, "in_channels")
         kk = resolve_k(k, n, what=what, layer=f"TopKConv2d({cin}->{cout})")
+        if criterion == "neuron":
+            return TopKNeuronConvBN(cin, cout, kernel, k=kk, stride=stride, padding=padding)
         return TopKConv2d(
             cin, cout, kernel, k=kk, criterion=criterion, stride=stride, padding=padding,
             bias=False,
         )
 
-    return LayerSet(last_conv=last_conv, n_last_convs=int(n_layers))
+    dense: dict[str, Any] = {}
+    if heads:
+        dense = {"linear": _dynamic_k_fc(k_hidden, "hidden"), "last_linear": _dynamic_k_fc(k_last, "last")}
+    return LayerSet(
+        last_conv=last_conv, n_last_convs=int(n_layers), last_conv_norm=criterion == "neuron",
+        **dense,
+    )
 
 
 register_defense(
     "topkconv", TopKConv2d, place=_place_topkconv,
     # layers = how many of the last main-path convs become TopKConv2d.
-    params=("k", "criterion", "layers"), routing=True, color="#d62728",
+    # dynamic_k_heads, k_dense_hidden, k_dense_last: the paper's Dynamic-k FC layers.
+    params=("k", "criterion", "layers", "dynamic_k_heads", *_DENSE_PARAMS), routing=True, color="#d62728",
     cost_budget=(2.0, 1.5),  # issue 2's layer-cost targets (time, memory)
     paper=_PAPER,
     example=Example(lambda: TopKConv2d(in_channels=6, out_channels=5, kernel_size=3, k=2, padding=1),
