@@ -90,6 +90,8 @@ class LayerSet:
         linear: ``linear(in, out) -> Module`` for every fully connected layer.
         block_out: ``block_out(channels) -> Module`` after each of the last ``n_block_out`` blocks.
         n_block_out: How many of the last blocks are followed by ``block_out`` (0 = none).
+        dense_act: ``dense_act(features) -> Module``, the activations between fully connected
+            layers (VGG-16's head); None = ``act``.
     """
 
     act: ChannelFactory = relu
@@ -100,6 +102,7 @@ class LayerSet:
     linear: LinearFactory = linear
     block_out: ChannelFactory = identity
     n_block_out: int = 0
+    dense_act: ChannelFactory | None = None
 
     def __post_init__(self) -> None:
         for field_name in ("conv_width",):
@@ -113,6 +116,8 @@ class LayerSet:
         for field_name in ("act", "post_conv", "last_conv", "linear", "block_out"):
             if not callable(getattr(self, field_name)):
                 raise ValueError(f"{field_name}={getattr(self, field_name)!r} must be callable")
+        if self.dense_act is not None and not callable(self.dense_act):
+            raise ValueError(f"dense_act={self.dense_act!r} must be callable or None")
 
 
 def scale_channels(channels: int, width: float) -> int:
@@ -374,7 +379,7 @@ class VGG16(nn.Module):
             nn.Sequential(
                 OrderedDict(
                     fc1=layers.linear(prev, hidden),
-                    act=layers.act(hidden),
+                    act=(layers.dense_act or layers.act)(hidden),
                     fc2=layers.linear(hidden, num_classes),
                 )
             )

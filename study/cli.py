@@ -38,6 +38,8 @@ def format_trial_result(result: Any) -> str:
         f"clean      {_pct(result.clean_accuracy)}",
         f"robust     {_pct(result.robust_accuracy)}   (per-sample worst case over the suite)",
     ]
+    for name, value in getattr(result, "reached", {}).items():
+        lines.append(f"reached    {name} = {value:g}")
     for attack in result.attacks:
         settings = attack.get("settings", {})
         brief = ", ".join(

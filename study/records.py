@@ -13,7 +13,12 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypedDict
 
-__all__ = ["FinalNumbers", "TrialRecord", "failed_gates", "is_trusted", "trial_outcome"]
+__all__ = ["REACHED_SUFFIX", "FinalNumbers", "TrialRecord", "failed_gates", "is_trusted", "reached_values",
+           "trial_outcome"]
+
+#: Metrics named ``<defense>_<setting>_reached`` hold the value a defense's training schedule
+#: actually left in the model (``kwta_gamma_reached``), as opposed to the configured target.
+REACHED_SUFFIX = "_reached"
 
 Status = Literal["completed", "diverged", "failed", "stopped"]
 
@@ -55,6 +60,8 @@ class TrialRecord(TypedDict, total=False):
     train_seconds: float | None
     eval_seconds: float | None
     num_parameters: float | None
+    reached: dict[str, float]
+    """Values the training schedule reached (``kwta_gamma_reached``); see :func:`reached_values`."""
     final: FinalNumbers
     on_front: bool
     on_final_front: bool
@@ -68,6 +75,11 @@ def failed_gates(flags: Iterable[Mapping[str, Any]]) -> list[str]:
 def is_trusted(flags: Iterable[Mapping[str, Any]]) -> bool:
     """Every gate passed: the evaluation's number can stand on a front."""
     return not failed_gates(flags)
+
+
+def reached_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The ``*_reached`` entries of a trial's final metrics."""
+    return {k: float(v) for k, v in metrics.items() if k.endswith(REACHED_SUFFIX) and isinstance(v, (int, float))}
 
 
 def trial_outcome(metrics: Mapping[str, Any] | None, raised: bool) -> dict[str, Any]:

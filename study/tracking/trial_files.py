@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from study.records import REACHED_SUFFIX
 from study.tracking.store import _finite
 
 # --------------------------------------------------------------------------- one trial's record
@@ -24,7 +25,7 @@ def result_metrics(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     step = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
     stamp = int(result.get("timestamp") or time.time()) * 1000
     if result.get("final"):
-        names = [k for k in result if k.startswith(("clean_", "robust_", "final_"))] + [
+        names = [k for k in result if k.startswith(("clean_", "robust_", "final_")) or k.endswith(REACHED_SUFFIX)] + [
             "train_seconds", "eval_seconds", "num_parameters", "epochs_run", "trusted", "model_seconds",
         ]
     else:
