@@ -346,3 +346,31 @@ def test_reproduce_kwta_digits_twin_has_the_same_protocol_scaled_down() -> None:
     hook = KWTAAnnealing.from_params(params, epochs=config.training.epochs)
     assert _trajectory(hook, 12) == pytest.approx([0.2] * 6 + [0.175, 0.15, 0.125] + [0.1] * 3, abs=1e-12)
     assert hook.finetune() == (5, 0.001)
+
+
+@pytest.mark.slow
+def test_run_trial_reports_the_reached_gamma_beside_the_target(tmp_path: Path) -> None:
+    import json
+
+    from study.cli import format_trial_result
+    from study.trial import run_trial, save_trial
+
+    config = parse_trial_config(
+        {
+            "data": {"train_subset": 300},
+            "model": {
+                "defense": "kwta",
+                "defense_params": {"gamma": 0.1, "gamma_schedule": "paper", "gamma_hold": 1, "gamma_every": 1},
+            },
+            "training": {"epochs": 3},
+            "eval": {"n_samples": 20, "attacks": [{"name": "pgd", "steps": 2}], "eps_curve": [], "checks": False},
+        }
+    )
+    result = run_trial(config)
+    # paper schedule, hold 1, every 1: 0.2, then j = 0, 1 -> 0.2, 0.2 - 0.005 = 0.195: the target
+    # 0.1 is not reached in 3 epochs, and the record says so
+    assert [h["gamma"] for h in result.history] == pytest.approx([0.2, 0.2, 0.195])
+    assert result.reached == {"kwta_gamma_reached": pytest.approx(0.195)}
+    saved = json.loads((save_trial(config, result, tmp_path) / "result.json").read_text())
+    assert saved["reached"] == {"kwta_gamma_reached": pytest.approx(0.195)}
+    assert "kwta_gamma_reached = 0.195" in format_trial_result(result)
