@@ -452,7 +452,7 @@ def fit(
             )
             if plan is None:
                 # A fine-tune phase runs at its own constant LR: the main schedule ends before it.
-                main_epochs = max(1, finetune[0]) if finetune else cfg.epochs
+                main_epochs = min(cfg.epochs, max(1, finetune[0])) if finetune else cfg.epochs
                 plan = _Plan(main_epochs, len(loader), tuple(cfg.milestones))
             fixed_lr = finetune[1] if finetune and epoch >= finetune[0] else None
             metrics.update(_train_epoch(model, recipe, ctx, optimizer, loader, cfg, plan, state,

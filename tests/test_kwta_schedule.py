@@ -222,6 +222,24 @@ def test_fit_applies_the_schedule_the_finetune_lr_and_records_the_reached_gamma(
     assert result.reached == {"kwta_gamma_reached": pytest.approx(0.1)}
 
 
+@pytest.mark.parametrize(
+    ("hold", "expected_lr"),
+    [
+        # main phase = the 2 hold epochs: multistep's milestone 0.5 of 2 epochs falls at epoch
+        # floor(0.5 * 2 + 0.5) = 1 -> 0.05, 0.005; then the fine-tune LR 0.001 for epochs 2, 3
+        (2, [0.05, 0.005, 0.001, 0.001]),
+        # a hold beyond the budget: no fine-tune phase, the main schedule spans all 4 epochs
+        # (milestone at floor(0.5 * 4 + 0.5) = 2)
+        (10, [0.05, 0.05, 0.005, 0.005]),
+    ],
+)
+def test_main_lr_schedule_ends_where_the_finetune_phase_begins(hold: int, expected_lr: list[float]) -> None:
+    params = {"gamma": 0.1, "gamma_schedule": "paper", "gamma_hold": hold, "gamma_finetune_lr": 0.001}
+    cfg = TrainingConfig(epochs=4, batch_size=30, lr=0.05, schedule="multistep", milestones=[0.5], early_stopping=False)
+    result = fit(_kwta_model(params), _bundle(), cfg, defense="kwta", defense_params=params, device=CPU, seed=0)
+    assert [h["lr"] for h in result.history] == pytest.approx(expected_lr)
+
+
 def test_reached_gamma_follows_the_epoch_early_stopping_restores(monkeypatch) -> None:
     scores = iter([0.3, 0.9, 0.5, 0.4])  # epoch 2 (1-based) is the best
     monkeypatch.setattr(train_mod, "_val_robust_accuracy", lambda *a, **k: next(scores))
