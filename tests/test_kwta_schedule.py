@@ -256,7 +256,7 @@ def test_reached_gamma_follows_the_epoch_early_stopping_restores(monkeypatch) ->
 
 def test_reached_value_reaches_records_and_mlflow_metrics() -> None:
     from study.runner import collect_records
-    from study.tracking.trial_files import result_metrics
+    from study.tracking.trial_files import result_metrics, result_params
 
     final = {
         "final": 1,
@@ -272,6 +272,8 @@ def test_reached_value_reaches_records_and_mlflow_metrics() -> None:
     assert reached_values(final) == {"kwta_gamma_reached": 0.165}
     metrics, _ = result_metrics(final)
     assert {m.key: m.value for m in metrics}["kwta_gamma_reached"] == 0.165
+    assert [(p.key, p.value) for p in result_params(final)] == [("kwta_gamma_reached", "0.165")]
+    assert result_params({**final, "final": 0}) == []  # per-epoch reports carry no reached value
     grid = [
         SimpleNamespace(
             metrics=final, config={"defense": "kwta", "kwta.gamma": 0.1}, error=None, path="/x/trial_a", checkpoint=None
@@ -392,3 +394,67 @@ def test_run_trial_reports_the_reached_gamma_beside_the_target(tmp_path: Path) -
     saved = json.loads((save_trial(config, result, tmp_path) / "result.json").read_text())
     assert saved["reached"] == {"kwta_gamma_reached": pytest.approx(0.195)}
     assert "kwta_gamma_reached = 0.195" in format_trial_result(result)
+
+
+def test_reached_gamma_is_an_mlflow_param_and_metric_live_and_replayed(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from study.tracking import MlflowTrialLogger, StudyRun
+    from study.tracking.replay import _Runs, replay_trial
+    from study.tracking.trial_files import trial_files_from_trial
+
+    monkeypatch.setenv("ROBUST_STUDY_MLFLOW_RETRY_S", "0")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = StudyRun(uri, "reached", tmp_path / "mlartifacts")
+    parent = study.start("reached", None, params={}, tags={})
+    logger = MlflowTrialLogger(uri, study.experiment_id, parent, "reached")
+    folder = tmp_path / "tune" / "_trainable_k1"
+    folder.mkdir(parents=True)
+    trial = SimpleNamespace(
+        trial_id="kkkk0001",
+        config={"defense": "kwta", "kwta.gamma": 0.1},
+        status="RUNNING",
+        local_path=str(folder),
+        path=str(folder),
+        last_result={},
+        checkpoint=None,
+        error_file=None,
+    )
+
+    def report(result: dict) -> dict:
+        result = {**result, "trial_id": trial.trial_id, "timestamp": 1_800_000_000 + result["epoch"]}
+        with (folder / "result.json").open("a") as out:
+            out.write(json.dumps(result) + "\n")
+        trial.last_result = result
+        return result
+
+    logger.on_trial_start(0, [trial], trial)
+    logger.on_trial_result(0, [trial], trial, report({"epoch": 1, "final": 0, "epoch_gamma": 0.2}))
+    final = report(
+        {
+            "epoch": 2,
+            "final": 1,
+            "status": "completed",
+            "clean_accuracy": 0.9,
+            "robust_accuracy": 0.1,
+            "trusted": 1,
+            "flags_json": "[]",
+            "kwta_gamma_reached": 0.15,
+        }
+    )
+    logger.on_trial_result(0, [trial], trial, final)
+    logger.on_trial_complete(0, [trial], trial)
+    # Replaying the same trial (sync after an outage) logs the same param again: accepted, unchanged.
+    replay_trial(_Runs(logger.client, study.experiment_id, parent, "reached"), trial_files_from_trial(trial, True))
+    study.finish()
+
+    (run,) = [
+        r
+        for r in MlflowClient(tracking_uri=uri).search_runs([study.experiment_id])
+        if r.data.tags.get("mlflow.parentRunId") == parent
+    ]
+    assert run.data.params["kwta.gamma"] == "0.1"  # the target, as configured
+    assert run.data.params["kwta_gamma_reached"] == "0.15"  # what the model ended with
+    assert run.data.metrics["kwta_gamma_reached"] == 0.15
