@@ -16,6 +16,7 @@ from defenses._registry import (
     get_defense,
     iter_defenses,
     list_defenses,
+    make_epoch_hook,
     register_defense,
     unregister_defense,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "kap_width_factor",
     "list_backbones",
     "list_defenses",
+    "make_epoch_hook",
     "noise_disabled",
     "register_defense",
     "resolve_k",

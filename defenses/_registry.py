@@ -32,6 +32,7 @@ __all__ = [
     "get_defense",
     "iter_defenses",
     "list_defenses",
+    "make_epoch_hook",
     "register_defense",
     "unregister_defense",
 ]
@@ -44,9 +45,25 @@ Placement = Callable[[Mapping[str, Any], int], "LayerSet"]
 
 
 class EpochHook(Protocol):
-    """Called at the start of every epoch; returns metrics to record for it."""
+    """Called at the start of every epoch; returns metrics to record for it.
+
+    Two optional methods, used when present: ``finetune() -> (first_epoch, lr) | None``, a
+    constant learning rate from that epoch on (the main LR schedule then spans the epochs before
+    it), and ``reached(model) -> dict[str, float]``, the values the trained model ended with
+    (k-WTA's ``kwta_gamma_reached``), recorded with the trial's results.
+    """
 
     def start_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
+
+
+def make_epoch_hook(
+    factory: Callable[..., EpochHook], params: Mapping[str, Any], epochs: int
+) -> EpochHook:
+    """``factory(params, epochs=epochs)``; a factory without an ``epochs`` keyword gets ``params``."""
+    sig = _signature(factory)
+    if sig is not None and "epochs" in sig.parameters:
+        return factory(params, epochs=epochs)
+    return factory(params)
 
 
 @dataclass(frozen=True)
@@ -83,7 +100,8 @@ class DefenseEntry:
             training-time ones the training loop reads, e.g. k-WTA's schedule).
         training_fields: Defense parameters that set a field of the training config instead
             (``{"recipe": "recipe"}``: CAS searches its training recipe).
-        epoch_hook: ``params -> EpochHook`` for a per-epoch schedule (k-WTA's annealing).
+        epoch_hook: ``(params, epochs=) -> EpochHook`` for a per-epoch schedule (k-WTA's annealing);
+            the ``epochs`` keyword (the trial's budget) is passed when the factory accepts it.
         routing: Selects units by argmax/top-k, so gradients can mislead (flag R13).
         color: Plot colour (hex), the same in every plot.
         in_default_study: Searched by a spec that lists no defenses.
@@ -98,7 +116,7 @@ class DefenseEntry:
     place: Placement | None = None
     params: tuple[str, ...] = ()
     training_fields: Mapping[str, str] = field(default_factory=dict)
-    epoch_hook: Callable[[Mapping[str, Any]], EpochHook] | None = None
+    epoch_hook: Callable[..., EpochHook] | None = None
     routing: bool = False
     color: str | None = None
     in_default_study: bool = True
@@ -117,7 +135,7 @@ def register_defense(
     place: Placement | None = None,
     params: tuple[str, ...] = (),
     training_fields: Mapping[str, str] | None = None,
-    epoch_hook: Callable[[Mapping[str, Any]], EpochHook] | None = None,
+    epoch_hook: Callable[..., EpochHook] | None = None,
     routing: bool = False,
     color: str | None = None,
     in_default_study: bool = True,
@@ -188,7 +206,7 @@ def iter_defenses() -> Iterator[DefenseEntry]:
         yield _REGISTRY[name]
 
 
-def _signature(factory: LayerFactory) -> inspect.Signature | None:
+def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
     try:
         return inspect.signature(factory)
     except (TypeError, ValueError):  # some builtins/C callables have no signature

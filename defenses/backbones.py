@@ -100,6 +100,8 @@ class LayerSet:
             None = ``linear``.
         block_out: ``block_out(channels) -> Module`` after each of the last ``n_block_out`` blocks.
         n_block_out: How many of the last blocks are followed by ``block_out`` (0 = none).
+        dense_act: ``dense_act(features) -> Module``, the activations between fully connected
+            layers (VGG-16's head); None = ``act``.
     """
 
     act: ChannelFactory = relu
@@ -112,6 +114,7 @@ class LayerSet:
     last_linear: LinearFactory | None = None
     block_out: ChannelFactory = identity
     n_block_out: int = 0
+    dense_act: ChannelFactory | None = None
 
     def __post_init__(self) -> None:
         for field_name in ("conv_width",):
@@ -129,6 +132,8 @@ class LayerSet:
             raise ValueError(f"last_linear={self.last_linear!r} must be callable or None")
         if not isinstance(self.last_conv_norm, bool):
             raise ValueError(f"last_conv_norm={self.last_conv_norm!r} must be True or False")
+        if self.dense_act is not None and not callable(self.dense_act):
+            raise ValueError(f"dense_act={self.dense_act!r} must be callable or None")
 
     def classifier(self, in_features: int, out_features: int) -> nn.Module:
         """The last FC layer: ``last_linear`` when set, else ``linear``."""
@@ -444,7 +449,7 @@ class VGG16(nn.Module):
         fc = nn.Sequential(
             OrderedDict(
                 fc1=layers.linear(prev * side * side, hidden),
-                act=layers.act(hidden),
+                act=(layers.dense_act or layers.act)(hidden),
                 fc2=layers.classifier(hidden, num_classes),
             )
         )

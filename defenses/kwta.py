@@ -26,7 +26,10 @@ from defenses.backbones import LayerSet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KWTAAnnealing", "KWTA_MODES", "KWinnersTakeAll", "annealed_gamma", "kwta_k", "set_gamma"]
+__all__ = [
+    "GAMMA_SCHEDULES",
+    "KWTAAnnealing",
+    "KWTA_MODES", "KWinnersTakeAll", "annealed_gamma", "kwta_k", "set_gamma"]
 
 KWTA_MODES: tuple[str, ...] = ("volume", "channel")
 
@@ -96,8 +99,11 @@ class KWinnersTakeAll(nn.Module):
         with torch.no_grad():
             # unsorted topk + min was faster than kthvalue on CPU in our benchmark.
             threshold = ranked.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        winners = (ranked >= threshold).view(x.shape)
-        return torch.where(winners, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        # "x < threshold" rather than "x >= threshold": a NaN compares False either way, so this
+        # form keeps NaN (topk ranks NaN first, the threshold becomes NaN and nothing is zeroed)
+        # and a diverging run shows up as a NaN loss instead of silently turning into zeros.
+        losers = (ranked < threshold).view(x.shape)
+        return torch.where(losers, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, mode={self.mode!r}"
@@ -164,60 +170,179 @@ def annealed_gamma(epoch: int, target: float, start: float = 0.2, step: float = 
 # --------------------------------------------------------------------------- registration
 
 
+#: k-WTA sparsity schedules: "scaled" fits the paper's shape into any epoch budget and always
+#: ends at the target; "paper" is the published schedule with absolute epoch counts.
+GAMMA_SCHEDULES: tuple[str, ...] = ("scaled", "paper")
+#: The paper's schedule: 50 epochs at gamma = 0.2, then the authors' 70-epoch fine-tune.
+PAPER_HOLD_EPOCHS = 50
+PAPER_FINETUNE_EPOCHS = 70
+PAPER_FINETUNE_LR = 0.001
+# Scaled defaults: the paper's proportions of 50 + 40 + 30 = 120 epochs (hold at 0.2, anneal to
+# 0.1 at 0.005 per 2 epochs, train at 0.1), rounded to 0.4 and 0.25.
+SCALED_HOLD_FRACTION = 0.4
+SCALED_FINAL_FRACTION = 0.25
+
+
+def _fraction(name: str, value: object, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
+        raise ValueError(f"{name}={value!r} must be a number in [0, {high}]")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class KWTAAnnealing:
-    """k-WTA sparsity annealing (Xiao et al., "Enhancing adversarial defense by k-winners-take-all";
-    the authors' fine-tune config): gamma(e) = max(target, start - step * floor(e / every)).
+    """k-WTA sparsity schedule (Xiao et al., "Enhancing adversarial defense by k-winners-take-all").
 
-    With ``start <= target`` gamma is fixed at ``target``. The training loop calls
-    :meth:`start_epoch` at the start of every epoch (the registry's ``epoch_hook``).
+    ``schedule="paper"``: gamma = ``start`` for the first ``hold`` epochs (the paper: 50), then the
+    authors' fine-tune anneal counted from the end of the hold, j = e - hold:
+    gamma = max(target, start - step * floor(j / every)) (0.2 lowered by 0.005 every 2 epochs).
+    Whether the target is reached depends on the epoch budget: 50 + 40 epochs for 0.2 -> 0.1.
+
+    ``schedule="scaled"`` (default): the same shape fitted to ``epochs``. H = floor(hold_fraction
+    * E) epochs at ``start``, the last T = max(1, ceil(final_fraction * E)) epochs at ``target``,
+    and in between (A = E - H - T epochs) gamma falls linearly from ``start`` by
+    (start - target) / A per epoch, so gamma = target from epoch E - T on: always reached.
+
+    ``finetune_lr`` (optional): from the first annealing epoch (``hold`` resp. H) on, training
+    uses this constant learning rate (the authors' fine-tune: 0.001), and the main LR schedule
+    spans only the epochs before it. ``start <= target`` gives a constant gamma = ``target``.
+    The training loop calls :meth:`start_epoch` at the start of every epoch.
     """
 
     target: float = 0.2
     start: float = 0.2
     step: float = 0.005
     every: int = 2
+    schedule: str = "scaled"
+    hold: int = PAPER_HOLD_EPOCHS
+    hold_fraction: float = SCALED_HOLD_FRACTION
+    final_fraction: float = SCALED_FINAL_FRACTION
+    finetune_lr: float | None = None
+    epochs: int | None = None
+    """The trial's epoch budget; the scaled schedule needs it."""
 
     def __post_init__(self) -> None:
-        # Checked here, before the first epoch, so a bad schedule fails before any training.
+        # Checked here, before the first epoch, so a bad schedule fails before any training
+        # (the placement builds one at config load for the same reason).
         for name, value in (("gamma", self.target), ("gamma_start", self.start)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name}={value} must be in (0, 1]")
-        if self.step < 0.0:
-            raise ValueError(f"gamma_step={self.step} must be >= 0")
-        if self.every < 1:
-            raise ValueError(f"gamma_every={self.every} must be an int >= 1")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"{name}={value!r} must be in (0, 1]")
+        if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not (
+            math.isfinite(self.step) and self.step >= 0.0
+        ):
+            raise ValueError(f"gamma_step={self.step!r} must be a finite number >= 0")
+        for name, count in (("gamma_every", self.every), ("gamma_hold", self.hold)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < (1 if name == "gamma_every" else 0):
+                raise ValueError(f"{name}={count!r} must be an int >= {1 if name == 'gamma_every' else 0}")
+        if self.schedule not in GAMMA_SCHEDULES:
+            raise ValueError(f"gamma_schedule={self.schedule!r} must be one of {', '.join(GAMMA_SCHEDULES)}")
+        hold = _fraction("gamma_hold_fraction", self.hold_fraction, 1.0)
+        final = _fraction("gamma_final_fraction", self.final_fraction, 1.0)
+        if hold + final > 1.0:
+            raise ValueError(
+                f"gamma_hold_fraction + gamma_final_fraction = {hold + final:g} must be <= 1"
+            )
+        lr = self.finetune_lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr <= 10.0):
+            raise ValueError(f"gamma_finetune_lr={lr!r} must be None or a learning rate in (0, 10]")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ValueError(f"epochs={self.epochs!r} must be an int >= 1")
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> KWTAAnnealing:
-        """Read gamma / gamma_start / gamma_step / gamma_every from the defense parameters."""
+    def from_params(cls, params: Mapping[str, Any], epochs: int | None = None) -> KWTAAnnealing:
+        """The schedule from the defense parameters (gamma, gamma_start, ... gamma_finetune_lr)."""
         return cls(
-            target=float(params.get("gamma", 0.2)),
-            start=float(params.get("gamma_start", 0.2)),
-            step=float(params.get("gamma_step", 0.005)),
-            every=int(params.get("gamma_every", 2)),
+            target=params.get("gamma", 0.2),
+            start=params.get("gamma_start", 0.2),
+            step=params.get("gamma_step", 0.005),
+            every=params.get("gamma_every", 2),
+            schedule=params.get("gamma_schedule", "scaled"),
+            hold=params.get("gamma_hold", PAPER_HOLD_EPOCHS),
+            hold_fraction=params.get("gamma_hold_fraction", SCALED_HOLD_FRACTION),
+            final_fraction=params.get("gamma_final_fraction", SCALED_FINAL_FRACTION),
+            finetune_lr=params.get("gamma_finetune_lr"),
+            epochs=epochs,
         )
 
+    def _scaled_phases(self) -> tuple[int, int]:
+        """(H, first epoch at the target E - T) of the scaled schedule."""
+        if self.epochs is None:
+            raise ValueError("the scaled k-WTA schedule needs the trial's epochs")
+        e = self.epochs
+        final = max(1, math.ceil(self.final_fraction * e - _FLOOR_SLACK))
+        hold = min(math.floor(self.hold_fraction * e + _FLOOR_SLACK), e - final)
+        return hold, e - final
+
+    @property
+    def anneal_start(self) -> int:
+        """The first epoch of the annealing (fine-tune) phase."""
+        return self.hold if self.schedule == "paper" else self._scaled_phases()[0]
+
+    def gamma_at(self, epoch: int) -> float:
+        """gamma at 0-based ``epoch`` (rounded to 12 decimals so logs read 0.185)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r} must be an integer >= 0")
+        if self.start <= self.target:
+            return float(self.target)
+        if self.schedule == "paper":
+            if epoch < self.hold:
+                return float(self.start)
+            return annealed_gamma(epoch - self.hold, target=self.target, start=self.start,
+                                  step=self.step, every=self.every)
+        hold, at_target = self._scaled_phases()
+        if epoch < hold:
+            return float(self.start)
+        if epoch >= at_target:
+            return float(self.target)
+        per_epoch = (self.start - self.target) / (at_target - hold)
+        return round(self.start - per_epoch * (epoch - hold), 12)
+
+    def finetune(self) -> tuple[int, float] | None:
+        """(first epoch, constant learning rate) of the fine-tune phase, None without one."""
+        if self.finetune_lr is None:
+            return None
+        return self.anneal_start, float(self.finetune_lr)
+
     def start_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        gamma = float(annealed_gamma(
-            epoch, target=self.target, start=self.start, step=self.step, every=self.every
-        ))
+        gamma = self.gamma_at(epoch)
         if set_gamma(model, gamma) == 0:
             log.warning("k-WTA annealing: the model has no k-WTA module to anneal")
         return {"gamma": gamma}
 
+    def reached(self, model: nn.Module) -> dict[str, float]:
+        """The gamma the trained model holds (after early stopping restored a best epoch, that
+        epoch's): named ``kwta_gamma_reached`` so no one mistakes it for the target."""
+        gammas = {m.gamma for m in model.modules() if isinstance(m, KWinnersTakeAll)}
+        if not gammas:
+            return {}
+        if len(gammas) > 1:
+            log.warning("k-WTA modules hold different gammas %s; recording the largest", sorted(gammas))
+        return {"kwta_gamma_reached": float(max(gammas))}
+
 
 def _place_kwta(params: Mapping[str, Any], num_classes: int) -> LayerSet:
-    """k-WTA in place of every activation (one module per site, so set_gamma reaches all)."""
+    """k-WTA in place of every activation (one module per site, so set_gamma reaches all).
+
+    A dense layer's features have no spatial axes to rank within, so in "channel" mode the
+    activations of fully connected layers (VGG-16's head) rank all their features, as the
+    paper's k-WTA does in every dense layer.
+    """
     kwargs = pick(params, ("gamma", "mode"))
     KWinnersTakeAll(**kwargs)
-    return LayerSet(act=lambda channels: KWinnersTakeAll(**kwargs))
+    KWTAAnnealing.from_params(params)  # the schedule's ranges, checked when the config loads
+    dense = {**kwargs, "mode": "volume"}
+    return LayerSet(
+        act=lambda channels: KWinnersTakeAll(**kwargs),
+        dense_act=lambda features: KWinnersTakeAll(**dense),
+    )
 
 
 register_defense(
     "kwta", KWinnersTakeAll, place=_place_kwta,
-    # gamma = target sparsity; gamma_start/step/every are the training loop's annealing schedule.
-    params=("gamma", "mode", "gamma_start", "gamma_step", "gamma_every"),
+    # gamma = target sparsity; the gamma_* keys are the training loop's sparsity schedule
+    # (KWTAAnnealing): read by the epoch hook, not by the layer.
+    params=("gamma", "mode", "gamma_start", "gamma_step", "gamma_every", "gamma_schedule",
+            "gamma_hold", "gamma_hold_fraction", "gamma_final_fraction", "gamma_finetune_lr"),
     epoch_hook=KWTAAnnealing.from_params,
     routing=True,
     color="#ff7f0e",

@@ -45,6 +45,8 @@ def format_trial_result(result: Any) -> str:
         f"clean      {_pct(result.clean_accuracy)}   ({split})",
         f"robust     {_pct(result.robust_accuracy)}   ({split}; per-sample worst case over the suite)",
     ]
+    for name, value in getattr(result, "reached", {}).items():
+        lines.append(f"reached    {name} = {value:g}")
     for attack in result.attacks:
         settings = attack.get("settings", {})
         brief = ", ".join(

@@ -16,14 +16,20 @@ from typing import Any, Literal, TypedDict
 __all__ = [
     "FINAL_SPLIT",
     "SEARCH_SPLIT",
+    "REACHED_SUFFIX",
     "FinalNumbers",
     "TrialRecord",
     "failed_gates",
     "is_trusted",
     "labelled",
+    "reached_values",
     "stage_values",
     "trial_outcome",
 ]
+
+#: Metrics named ``<defense>_<setting>_reached`` hold the value a defense's training schedule
+#: actually left in the model (``kwta_gamma_reached``), as opposed to the configured target.
+REACHED_SUFFIX = "_reached"
 
 Status = Literal["completed", "diverged", "failed", "stopped"]
 
@@ -104,6 +110,8 @@ class TrialRecord(TypedDict, total=False):
     verified: bool | None
     """True: verified on the test split; False: on the search front but its verification failed;
     None: not verified (not on the search front, or ``verify: false``)."""
+    reached: dict[str, float]
+    """Values the training schedule reached (``kwta_gamma_reached``); see :func:`reached_values`."""
     on_front: bool
     on_final_front: bool
 
@@ -116,6 +124,11 @@ def failed_gates(flags: Iterable[Mapping[str, Any]]) -> list[str]:
 def is_trusted(flags: Iterable[Mapping[str, Any]]) -> bool:
     """Every gate passed: the evaluation's number can stand on a front."""
     return not failed_gates(flags)
+
+
+def reached_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The ``*_reached`` entries of a trial's final metrics."""
+    return {k: float(v) for k, v in metrics.items() if k.endswith(REACHED_SUFFIX) and isinstance(v, (int, float))}
 
 
 def trial_outcome(metrics: Mapping[str, Any] | None, raised: bool) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from study.config import ConfigError
 from study.ray_cluster import RayTarget, resolve_address, validate_target
-from study.records import SEARCH_SPLIT, TrialRecord, labelled, trial_outcome
+from study.records import SEARCH_SPLIT, TrialRecord, labelled, reached_values, trial_outcome
 from study.spec import StudySpec, trial_config_for
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
         "report_seconds": report_seconds,
         "flags_json": json.dumps(result.flags, default=float),
         **{f"{split}_robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
+        **{k: float(v) for k, v in result.reached.items()},  # e.g. kwta_gamma_reached
         # The last epoch's numbers again: an early-stopping scheduler checks that every result
         # carries its metric (Ray's strict check), the final one included.
         **last_epoch,
@@ -430,6 +431,8 @@ def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
                           "num_parameters"):
             record[objective] = float(metrics.get(objective, 0.0)) if final else None  # type: ignore[literal-required]
         record["split_sizes"] = json.loads(metrics.get("split_sizes_json") or "null") if final else None
+        if final:
+            record["reached"] = reached_values(metrics)
         records.append(record)
     records.sort(key=lambda r: (r["finished_at"] or 0, r["trial_id"]))
     for number, record in enumerate(records):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from defenses import BASELINE, EpochHook, get_defense
+from defenses import BASELINE, EpochHook, get_defense, make_epoch_hook
 from study.config import TrainingConfig
 from study.data import DataBundle, eval_loader, train_loader
 from study.recipes import RECIPES, Recipe, StepContext, linf_pgd
@@ -101,6 +101,8 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int | None = None
     seconds: float = 0.0
+    reached: dict[str, float] = field(default_factory=dict)
+    """What the defense's schedule left in the trained model (k-WTA: ``kwta_gamma_reached``)."""
 
 
 # --- hooks ----------------------------------------------------------------------------------
@@ -306,6 +308,25 @@ def _restore(
 # --- the loop -------------------------------------------------------------------------------
 
 
+def _finetune_phase(hooks: list[EpochHook]) -> tuple[int, float] | None:
+    """(first epoch, LR) of a hook's constant-LR fine-tune phase (k-WTA's), else None."""
+    for hook in hooks:
+        phase = getattr(hook, "finetune", None)
+        if callable(phase) and (found := phase()) is not None:
+            return int(found[0]), float(found[1])
+    return None
+
+
+def _reached(hooks: list[EpochHook], model: nn.Module) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for hook in hooks:
+        reached = getattr(hook, "reached", None)
+        if callable(reached):
+            out.update(reached(model))
+    return out
+
+
+
 class _Diverged(Exception):
     def __init__(self, what: str, value: float, epoch: int, step: int) -> None:
         super().__init__(f"{what} became {value} at epoch {epoch}, step {step}")
@@ -322,6 +343,7 @@ def _train_epoch(
     plan: _Plan,
     state: _State,
     device: torch.device,
+    fixed_lr: float | None = None,
 ) -> dict[str, float]:
     model.train()
     schedule = LR_SCHEDULES[cfg.schedule]
@@ -330,7 +352,7 @@ def _train_epoch(
     for i, (x, y) in enumerate(loader):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        lr = cfg.lr * schedule(state.global_step, plan)
+        lr = fixed_lr if fixed_lr is not None else cfg.lr * schedule(state.global_step, plan)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
@@ -404,7 +426,8 @@ def fit(
     model.to(device)
     optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg)
     hook_factory = get_defense(defense).epoch_hook if defense and defense != BASELINE else None
-    hooks: list[EpochHook] = [hook_factory(defense_params)] if hook_factory else []
+    hooks: list[EpochHook] = [make_epoch_hook(hook_factory, defense_params, cfg.epochs)] if hook_factory else []
+    finetune = _finetune_phase(hooks)
     ctx = StepContext.for_model(model, cfg, defense_params)
     state = _restore(resume, model, optimizer, cfg, seed) if resume is not None else _State()
     seconds_before = state.seconds
@@ -428,9 +451,12 @@ def fit(
                 bundle, cfg.batch_size, seed=epoch_seed(seed, epoch), num_workers=num_workers
             )
             if plan is None:
-                plan = _Plan(cfg.epochs, len(loader), tuple(cfg.milestones))
+                # A fine-tune phase runs at its own constant LR: the main schedule ends before it.
+                main_epochs = min(cfg.epochs, max(1, finetune[0])) if finetune else cfg.epochs
+                plan = _Plan(main_epochs, len(loader), tuple(cfg.milestones))
+            fixed_lr = finetune[1] if finetune and epoch >= finetune[0] else None
             metrics.update(_train_epoch(model, recipe, ctx, optimizer, loader, cfg, plan, state,
-                                        device))
+                                        device, fixed_lr))
             if has_val:
                 model.eval()
                 metrics["val_accuracy"] = _clean_accuracy(model, bundle.val, device)
@@ -465,6 +491,7 @@ def fit(
             diverged_epoch=err.epoch,
             history=state.history,
             seconds=seconds_before + time.perf_counter() - t_start,
+            reached=_reached(hooks, model),
         )
 
     best_epoch = None
@@ -479,4 +506,5 @@ def fit(
         history=state.history,
         best_epoch=best_epoch,
         seconds=seconds_before + time.perf_counter() - t_start,
+        reached=_reached(hooks, model),
     )

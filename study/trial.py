@@ -58,6 +58,9 @@ class TrialResult:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     wall_time: float = 0.0
+    reached: dict[str, float] = field(default_factory=dict)
+    """What the defense's training schedule left in the model, e.g. ``kwta_gamma_reached`` (the
+    gamma it ended with, which a short budget or early stopping can leave above the target)."""
     model_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """Trained weights (CPU tensors); not part of ``to_dict``."""
 
@@ -181,6 +184,7 @@ def run_trial(
         train_seconds=fit_result.seconds,
         split=split,
         split_sizes={**split_sizes(bundle), "evaluated": len(y)},
+        reached=dict(fit_result.reached),
     )
     if fit_result.status != "completed":
         log.warning("trial %s %s: %s", config.name, fit_result.status, fit_result.reason)

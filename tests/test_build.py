@@ -279,7 +279,8 @@ def test_layer_keyword_names_match_constructors() -> None:
     passed_through = {
         "kap": (KernelAveragePool, {"sigma", "noise_at_eval"}),
         "noise": (ActivationNoise, set()),
-        "kwta": (KWinnersTakeAll, {"gamma_start", "gamma_step", "gamma_every"}),
+        "kwta": (KWinnersTakeAll, {"gamma_start", "gamma_step", "gamma_every", "gamma_schedule", "gamma_hold",
+                                   "gamma_hold_fraction", "gamma_final_fraction", "gamma_finetune_lr"}),
         "kaf": (KernelActivation, set()),
         "topkconv": (TopKConv2d, {"layers", "dynamic_k_heads", "k_dense_hidden", "k_dense_last"}),
         "dynamic_k": (DynamicKLinear, set()),

@@ -394,7 +394,7 @@ def test_defense_choices_and_paper_default_configs():
         assert space.validate(config) == config
         defense, params, training = space.split(config)
         if defense != BASELINE:
-            assert params == SPACES[defense].defaults
+            assert params == SPACES[defense].active_defaults()
         assert training["lr"] == 0.1 and training["epochs"] == 15
     assert configs[0] == {"defense": "none", "training.recipe": "standard", "training.lr": 0.1,
                           "training.weight_decay": 5e-4, "training.epochs": 15}
@@ -429,8 +429,10 @@ def test_suggest_is_conditional_on_the_chosen_defense():
         space.validate(config)
         asked = {n.split(".")[0] for n in trial.requests}
         assert asked <= {"defense", defense, "training"}
-        assert {k for k in config if k.startswith(defense + ".")} == {
-            f"{defense}.{n}" for n in SPACES[defense].param_names}
+        chosen = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(defense + ".")}
+        # every parameter active under the chosen values (k-WTA's schedule keys depend on its
+        # gamma_schedule), and only those
+        assert set(chosen) == {p.name for p in SPACES[defense].params if SPACES[defense].is_active(p, chosen)}
 
 
 def test_random_suggestions_always_validate_and_keep_distributions_fixed():

@@ -457,7 +457,8 @@ def test_exploding_training_is_diverged_not_raised(bundle: DataBundle) -> None:
 
 
 def test_kwta_gamma_schedule_is_applied_and_recorded(bundle: DataBundle) -> None:
-    params = {"gamma": 0.1, "gamma_start": 0.2, "gamma_step": 0.05, "gamma_every": 1}
+    params = {"gamma": 0.1, "gamma_start": 0.2, "gamma_step": 0.05, "gamma_every": 1,
+              "gamma_schedule": "paper", "gamma_hold": 0}
     model = _model("kwta", params)
     result = _fit(model, bundle, _cfg(epochs=4, batch_size=40), defense="kwta",
                   defense_params=params)
@@ -473,7 +474,7 @@ def test_kwta_gamma_schedule_is_applied_and_recorded(bundle: DataBundle) -> None
 
 
 def test_kwta_annealing_formula() -> None:
-    hook = KWTAAnnealing(target=0.1, start=0.2, step=0.005, every=2)
+    hook = KWTAAnnealing(target=0.1, start=0.2, step=0.005, every=2, schedule="paper", hold=0)
     model = _model("kwta", {"gamma": 0.1})
     gammas = [hook.start_epoch(model, e)["gamma"] for e in range(0, 50, 10)]
     assert gammas == pytest.approx([0.2, 0.175, 0.15, 0.125, 0.1])

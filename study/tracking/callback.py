@@ -11,7 +11,7 @@ from ray.tune import Callback
 
 from study.tracking.replay import _log_trial_artifacts, _Runs, replay_trial
 from study.tracking.store import _LOGGERS, _brief, _client, flat_params, grace_seconds, retry_seconds, server_answers
-from study.tracking.trial_files import _error_text, result_metrics, trial_files_from_trial
+from study.tracking.trial_files import _error_text, result_metrics, result_params, trial_files_from_trial
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,10 @@ class MlflowTrialLogger(Callback):
         def action() -> None:
             run_id = self.runs.run_id(trial.trial_id)
             metrics, tags = result_metrics(result)
-            if metrics or tags:
-                self.client.log_batch(run_id, metrics=metrics, tags=list({t.key: t for t in tags}.values()))
+            params = result_params(result)
+            if metrics or tags or params:
+                self.client.log_batch(run_id, metrics=metrics, params=params,
+                                      tags=list({t.key: t for t in tags}.values()))
 
         self._live(trial, action)
 

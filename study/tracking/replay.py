@@ -7,7 +7,7 @@ from typing import Any
 
 from study.mlflow_conventions import system_tags
 from study.tracking.store import _MAX_BATCH_METRICS, PARENT_TAG, STUDY_TAG, TERMINAL_MLFLOW, TRIAL_ID_TAG, flat_params
-from study.tracking.trial_files import TrialFiles, result_metrics
+from study.tracking.trial_files import TrialFiles, result_metrics, result_params
 
 # --------------------------------------------------------------------------- replay
 
@@ -64,6 +64,9 @@ def replay_trial(runs: _Runs, files: TrialFiles) -> None:
         client.log_batch(run_id, metrics=metrics[i : i + _MAX_BATCH_METRICS])
     if tags:
         client.log_batch(run_id, tags=list({t.key: t for t in tags}.values()))
+    reached = result_params(files.final or {})
+    if reached:
+        client.log_batch(run_id, params=reached)
     if not files.finished:
         return
     final = files.final

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from study.records import REACHED_SUFFIX, reached_values
 from study.tracking.store import _finite
 
 # --------------------------------------------------------------------------- one trial's record
@@ -24,7 +25,7 @@ def result_metrics(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     step = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
     stamp = int(result.get("timestamp") or time.time()) * 1000
     if result.get("final"):
-        names = [k for k in result if k.startswith(("val_", "test_", "final_"))] + [
+        names = [k for k in result if k.startswith(("val_", "test_", "final_")) or k.endswith(REACHED_SUFFIX)] + [
             "train_seconds", "eval_seconds", "num_parameters", "epochs_run", "trusted", "model_seconds",
         ]
     else:
@@ -45,6 +46,19 @@ def result_metrics(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         if result.get("reason"):
             tags.append(RunTag("reason", str(result["reason"])[:5000]))
     return metrics, tags
+
+
+def result_params(result: dict[str, Any]) -> list[Any]:
+    """MLflow params of a final result: what the training schedule reached (``kwta_gamma_reached``).
+
+    Logged as params too (beside the metric), since they describe the trained model as its
+    configuration does; the same value logged again (live, then replayed) is accepted by MLflow.
+    """
+    from mlflow.entities import Param
+
+    if not result.get("final"):
+        return []
+    return [Param(k, str(v)) for k, v in reached_values(result).items() if _finite(v)]
 
 
 @dataclass
