@@ -364,7 +364,10 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
         raise ConfigError(_format_error(err)) from None
 
 
-BUILTIN_SPECS = ("demo", "cifar10_kap", "cifar10_kwta", "cifar10_kaf", "cifar10_topkconv", "cifar10_cas")
+BUILTIN_SPECS = (
+    "demo", "cifar10_kap", "cifar10_kwta", "cifar10_kaf", "cifar10_topkconv", "cifar10_cas",
+    "reproduce_kaf", "reproduce_kaf_digits", "reproduce_kap", "reproduce_kap_digits",
+)
 
 
 def _builtin_text(name: str) -> str:
