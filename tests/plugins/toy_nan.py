@@ -31,15 +31,20 @@ def _place(params: Mapping[str, Any], num_classes: int) -> LayerSet:
 
 
 register_defense(
-    "toy_nan", ToyNaN, place=_place, params=("scale",),
+    "toy_nan",
+    ToyNaN,
+    place=_place,
+    params=("scale",),
     example=Example(lambda: ToyNaN(), (2, 4, 3, 3), (2, 4, 3, 3)),
     in_default_study=False,
     paper="none (a test fixture)",
 )
-register_space(DefenseSpace(
-    name="toy_nan",
-    params=(Float("scale", 0.5, 2.0),),
-    defaults={"scale": 1.0},
-    description="turns training activations NaN (a test fixture, not a defense)",
-    paper="none (a test fixture)",
-))
+register_space(
+    DefenseSpace(
+        name="toy_nan",
+        params=(Float("scale", 0.5, 2.0),),
+        defaults={"scale": 1.0},
+        description="turns training activations NaN (a test fixture, not a defense)",
+        paper="none (a test fixture)",
+    )
+)
