@@ -14,7 +14,7 @@ spec fails with the list of allowed keywords instead of a ``TypeError`` deep ins
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +42,7 @@ BASELINE = "none"
 
 LayerFactory = Callable[..., nn.Module]
 Placement = Callable[[Mapping[str, Any], int], "LayerSet"]
+ParameterSelector = Callable[[nn.Module], Iterable[nn.Parameter]]
 
 
 class EpochHook(Protocol):
@@ -102,6 +103,9 @@ class DefenseEntry:
             (``{"recipe": "recipe"}``: CAS searches its training recipe).
         epoch_hook: ``(params, epochs=) -> EpochHook`` for a per-epoch schedule (k-WTA's annealing);
             the ``epochs`` keyword (the trial's budget) is passed when the factory accepts it.
+        no_weight_decay: ``model -> parameters``: the defense's own parameters in a built model
+            that a training config with ``defense_weight_decay: false`` leaves out of weight
+            decay (KAF's alpha, dictionary and bandwidth, as in the KAF thesis). None = none.
         routing: Selects units by argmax/top-k, so gradients can mislead (flag R13).
         color: Plot colour (hex), the same in every plot.
         in_default_study: Searched by a spec that lists no defenses.
@@ -123,6 +127,7 @@ class DefenseEntry:
     example: Example | None = None
     cost_budget: tuple[float | None, float | None] | None = None
     paper: str = ""
+    no_weight_decay: ParameterSelector | None = None
 
 
 _REGISTRY: dict[str, DefenseEntry] = {}
@@ -142,6 +147,7 @@ def register_defense(
     example: Example | None = None,
     cost_budget: tuple[float | None, float | None] | None = None,
     paper: str = "",
+    no_weight_decay: ParameterSelector | None = None,
 ) -> LayerFactory:
     """Register a defense under ``name`` (see :class:`DefenseEntry` for the fields).
 
@@ -161,6 +167,8 @@ def register_defense(
         raise ValueError(f"defense {name!r}: layer={layer!r} must be a callable returning an nn.Module")
     if place is not None and not callable(place):
         raise ValueError(f"defense {name!r}: place={place!r} must be callable")
+    if no_weight_decay is not None and not callable(no_weight_decay):
+        raise ValueError(f"defense {name!r}: no_weight_decay={no_weight_decay!r} must be callable")
     if name in _REGISTRY:
         raise ValueError(
             f"defense name={name!r} is already registered (to {_REGISTRY[name].layer!r}); "
@@ -174,6 +182,7 @@ def register_defense(
         name=name, layer=layer, place=place, params=tuple(params), training_fields=fields,
         epoch_hook=epoch_hook, routing=bool(routing), color=color,
         in_default_study=bool(in_default_study), example=example, cost_budget=cost_budget, paper=paper,
+        no_weight_decay=no_weight_decay,
     )
     return layer
 

@@ -89,6 +89,9 @@ class LayerSet:
             It receives the widened channel count ``nominal * conv_width``.
         conv_width: Integer factor by which every conv followed by ``post_conv`` is widened;
             ``post_conv`` must reduce the channels by exactly this factor.
+        width_scale: Factor (> 0) :func:`~defenses.build.build_model` multiplies the backbone's
+            ``width`` by: every nominal width (between the post_conv sites, and the dense layers)
+            scales with it (KAP's literal widening reading, see docs/defenses.md).
         last_conv: ``last_conv(in, out, kernel, stride, padding) -> Module`` for the last
             ``n_last_convs`` main-path convs (BN follows, so no bias is needed).
         n_last_convs: How many of the last main-path convs use ``last_conv`` (0 = none).
@@ -107,6 +110,7 @@ class LayerSet:
     act: ChannelFactory = relu
     post_conv: ChannelFactory = identity
     conv_width: int = 1
+    width_scale: float = 1.0
     last_conv: ConvFactory = conv2d
     n_last_convs: int = 0
     last_conv_norm: bool = False
@@ -121,6 +125,9 @@ class LayerSet:
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field_name}={value!r} must be an int >= 1")
+        scale = self.width_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < math.inf):
+            raise ValueError(f"width_scale={scale!r} must be a finite number > 0")
         for field_name in ("n_last_convs", "n_block_out"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

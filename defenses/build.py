@@ -117,6 +117,13 @@ def _place_baseline(params: Mapping[str, Any], num_classes: int) -> LayerSet:
     return LayerSet()
 
 
+def _scaled_width(width: float, scale: float) -> float:
+    # The backbone validates width itself; only a valid number is scaled here.
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        return width
+    return width * scale
+
+
 def build_model(
     backbone: str,
     *,
@@ -197,6 +204,8 @@ def build_model(
     head_args: dict[str, Any] = {"head": head, "input_size": input_size} if head != "gap" else {}
     normalize = Normalize(mean, std, channels=in_channels)
     layers = place(params, num_classes)
+    if layers.width_scale != 1:
+        width = _scaled_width(width, layers.width_scale)
     net = make_backbone(
         num_classes=num_classes, in_channels=in_channels, width=width, layers=layers, **head_args
     )

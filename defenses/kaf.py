@@ -16,7 +16,7 @@ block of Gaussian terms is formed and reduced while it is in cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +35,8 @@ __all__ = [
     "kaf_bandwidth",
     "kaf_lean",
     "kaf_naive",
+    "kaf_parameters",
+    "softplus_inverse",
 ]
 
 #: Bandwidth rules: gamma = 1 / (factor * spacing^2). "thesis" follows Kafnets / the seed thesis,
@@ -88,12 +90,24 @@ def _target_activation(name: str, s: Tensor) -> Tensor:
     raise ValueError(f"init={name!r} must be one of {list(INITS)}")
 
 
-def _ridge_alpha(name: str, dictionary: Tensor, gamma: float, lam: float = RIDGE_LAMBDA) -> Tensor:
-    """alpha = (K + lam*I)^-1 f(d): the KAF that interpolates activation f on the dictionary."""
+def _ridge_alpha(name: str, dictionary: Tensor, gamma: Tensor | float, lam: float = RIDGE_LAMBDA) -> Tensor:
+    """alpha = (K + lam*I)^-1 f(d): the KAF that interpolates activation f on the dictionary.
+
+    dictionary (D,) with a scalar gamma gives one (D,) row; a per-channel (C, D) dictionary with
+    (C,) gammas gives (C, D), one batched solve.
+    """
     d = dictionary.detach().to(torch.float64)
-    kernel = torch.exp(-gamma * (d.unsqueeze(1) - d.unsqueeze(0)).square())
-    eye = torch.eye(d.numel(), dtype=torch.float64, device=d.device)
+    g = torch.as_tensor(gamma, dtype=torch.float64, device=d.device).detach()
+    if d.dim() == 2:
+        g = g.view(-1, 1, 1)
+    kernel = torch.exp(-g * (d.unsqueeze(-1) - d.unsqueeze(-2)).square())
+    eye = torch.eye(d.shape[-1], dtype=torch.float64, device=d.device)
     return torch.linalg.solve(kernel + lam * eye, _target_activation(name, d))
+
+
+def softplus_inverse(value: Tensor) -> Tensor:
+    """raw with softplus(raw) = value > 0: raw = value + log(1 - exp(-value)), stable for any size."""
+    return value + torch.log(-torch.expm1(-value))
 
 
 def kaf_naive(x: Tensor, alpha: Tensor, dictionary: Tensor, gamma: Tensor | float) -> Tensor:
@@ -102,10 +116,14 @@ def kaf_naive(x: Tensor, alpha: Tensor, dictionary: Tensor, gamma: Tensor | floa
     Kept as the ground truth for tests and benchmarks of :func:`kaf_lean`.
 
     Shape:
-        x: (N, C, *) with the channel axis 1; alpha: (C, D); dictionary: (D,); gamma: scalar.
-        Output: same shape as x.
+        x: (N, C, *) with the channel axis 1; alpha: (C, D); dictionary: (D,) shared or (C, D)
+        per channel; gamma: scalar (0-dim) shared or (C,) per channel. Output: same shape as x.
     """
     view = (1, alpha.shape[0]) + (1,) * (x.dim() - 2) + (alpha.shape[1],)
+    if dictionary.dim() == 2:
+        dictionary = dictionary.view(view)
+    if isinstance(gamma, Tensor) and gamma.dim() == 1:
+        gamma = gamma.view(view[:-1] + (1,))
     gauss = torch.exp(-gamma * (x.unsqueeze(-1) - dictionary).square())
     return (gauss * alpha.view(view)).sum(-1)
 
@@ -140,6 +158,19 @@ def _gauss(xc: Tensor, dictionary: Tensor, gamma: Tensor) -> tuple[Tensor, Tenso
     return diff.mul_(diff).mul_(-gamma).exp_(), None
 
 
+def _block(dictionary: Tensor, gamma: Tensor, c0: int, c1: int) -> tuple[Tensor, Tensor]:
+    """Dictionary and bandwidth of channels c0..c1, shaped to broadcast over (n, c, D, M) blocks.
+
+    Shared: (D,) and a 0-dim gamma, used as they are. Per channel (KAF_Free of the thesis):
+    rows c0..c1 of the (C, D) dictionary and gamma viewed (c, 1, 1).
+    """
+    if dictionary.dim() == 2:
+        dictionary = dictionary[c0:c1]
+    if gamma.dim() == 1:
+        gamma = gamma[c0:c1].view(-1, 1, 1)
+    return dictionary, gamma
+
+
 class _KafFunction(torch.autograd.Function):
     """Gaussian KAF that saves only (x, alpha, dictionary, gamma) for backward.
 
@@ -161,8 +192,9 @@ class _KafFunction(torch.autograd.Function):
         xv = x.reshape(n, c, m)
         out = torch.empty_like(xv)
         a = alpha.unsqueeze(-2)  # (C, 1, D): the per-channel sum over i is a (1, D) @ (D, M) product
-        for n0, n1, c0, c1 in _row_chunks(n, c, m * dictionary.numel()):
-            gauss, _ = _gauss(xv[n0:n1, c0:c1], dictionary, gamma)
+        for n0, n1, c0, c1 in _row_chunks(n, c, m * alpha.shape[-1]):
+            d_b, g_b = _block(dictionary, gamma, c0, c1)
+            gauss, _ = _gauss(xv[n0:n1, c0:c1], d_b, g_b)
             out[n0:n1, c0:c1] = (a[c0:c1] @ gauss).squeeze(-2)
         return out.view(x.shape)
 
@@ -183,22 +215,24 @@ class _KafFunction(torch.autograd.Function):
         none = xv.new_empty(0)
         grad_x = torch.empty_like(xv) if need_x else none
         grad_alpha = torch.zeros_like(alpha) if need_alpha else none
-        grad_dict = torch.zeros_like(alpha) if need_dict else none  # per channel, summed at the end
+        # Per channel, then summed over channels at the end when dictionary/gamma are shared.
+        grad_dict = torch.zeros_like(alpha) if need_dict else none
         grad_gamma = torch.zeros_like(alpha) if need_gamma else none
         # sum_i alpha_i g_i (x - d_i) = x * [alpha @ g] - [(alpha * d) @ g]: one product with two
         # rows instead of an extra pass forming g_i * (x - d_i) over the whole block.
         a2 = torch.stack((alpha, alpha * dictionary), dim=-2)  # (C, 2, D)
         a1 = alpha.unsqueeze(-2)  # (C, 1, D)
         exact = need_dict or need_gamma or torch.is_grad_enabled()
-        for n0, n1, c0, c1 in _row_chunks(n, c, m * dictionary.numel()):
+        for n0, n1, c0, c1 in _row_chunks(n, c, m * alpha.shape[-1]):
             # gc: (n, c, 1, M). Sums over positions are gc @ block^T: a row times a transposed
             # view, which BLAS runs as one gemm (block @ gc^T as a mat-vec was 8x slower).
             xc, gc = xv[n0:n1, c0:c1], g[n0:n1, c0:c1].unsqueeze(-2)
+            d_b, g_b = _block(dictionary, gamma, c0, c1)
             if exact:
-                diff = xc.unsqueeze(-2) - dictionary.unsqueeze(-1)
-                gauss = torch.exp(-gamma * diff.square())
+                diff = xc.unsqueeze(-2) - d_b.unsqueeze(-1)
+                gauss = torch.exp(-g_b * diff.square())
             else:
-                gauss, diff = _gauss(xc, dictionary, gamma)
+                gauss, diff = _gauss(xc, d_b, g_b)
             if need_alpha:
                 # dL/dalpha[c,i] = sum_{n,m} g * gauss_i
                 grad_alpha[c0:c1] += (gc @ gauss.transpose(-1, -2)).squeeze(-2).sum(0)
@@ -213,12 +247,19 @@ class _KafFunction(torch.autograd.Function):
             if need_gamma:
                 # d/d gamma = -alpha[c,i] * gauss_i * diff_i^2
                 grad_gamma[c0:c1] += (gc @ (gauss * diff.square()).transpose(-1, -2)).squeeze(-2).sum(0)
+        per_channel = gamma.dim() == 1
+        # gamma per channel broadcasts over (N, C, M) as (C, 1) and over (C, D) as (C, 1).
+        g_x = gamma.view(-1, 1) if per_channel else gamma
         if need_x:
-            grad_x = (-2.0 * gamma) * grad_x.view(x.shape) * grad_out
+            grad_x = ((-2.0 * g_x) * grad_x).view(x.shape) * grad_out
         if need_dict:
-            grad_dict = (2.0 * gamma) * (alpha * grad_dict).sum(0)
+            grad_dict = (2.0 * g_x) * alpha * grad_dict
+            if dictionary.dim() == 1:
+                grad_dict = grad_dict.sum(0)
         if need_gamma:
-            grad_gamma = -(alpha * grad_gamma).sum()
+            grad_gamma = -(alpha * grad_gamma).sum(-1)
+            if not per_channel:
+                grad_gamma = grad_gamma.sum()
         return (grad_x if need_x else None, grad_alpha if need_alpha else None,
                 grad_dict if need_dict else None, grad_gamma if need_gamma else None)
 
@@ -229,8 +270,8 @@ def kaf_lean(x: Tensor, alpha: Tensor, dictionary: Tensor, gamma: Tensor) -> Ten
     Saves only its inputs for backward and recomputes the Gaussian terms there.
 
     Shape:
-        x: (N, C, *) with the channel axis 1; alpha: (C, D); dictionary: (D,); gamma: 0-dim tensor.
-        Output: same shape as x.
+        x: (N, C, *) with the channel axis 1; alpha: (C, D); dictionary: (D,) shared or (C, D)
+        per channel; gamma: 0-dim tensor shared or (C,) per channel. Output: same shape as x.
     """
     return _KafFunction.apply(x, alpha, dictionary, gamma)
 
@@ -253,13 +294,19 @@ class KernelActivation(nn.Module):
         init: "random" (alpha ~ N(0, RANDOM_INIT_STD^2) = N(0, 0.3^2)) or "relu" / "elu" /
             "swish": kernel ridge regression alpha = (K + 1e-4 I)^-1 f(d), same row for every
             channel, so the KAF starts as (approximately) that activation.
-        trainable_dictionary: also train the dictionary points and gamma ("KAF_Free"). Nothing
-            keeps gamma positive while training; a divergent trial shows up as NaN/inf loss.
+        trainable_dictionary: also train the dictionary points and the bandwidth ("KAF_Free"),
+            shared by all channels unless ``per_channel``. The bandwidth is trained as
+            gamma = softplus(raw_gamma), so it stays > 0 whatever step the optimiser takes.
+        per_channel: KAF_Free as in the seed thesis ("doubling the number of parameters"): every
+            channel has its own trainable dictionary (C, D) and bandwidth (C,), so a layer holds
+            2*C*D + C parameters instead of C*D. Requires ``trainable_dictionary``.
 
     Attributes:
         alpha: Parameter (C, D).
-        dictionary: (D,) buffer, or Parameter when trainable_dictionary.
-        gamma: 0-dim buffer, or Parameter when trainable_dictionary.
+        dictionary: (D,) buffer; Parameter (D,) when trainable_dictionary, (C, D) when per_channel.
+        gamma: the bandwidth: 0-dim buffer when fixed; when trainable, the Tensor
+            softplus(raw_gamma), 0-dim or (C,) when per_channel.
+        raw_gamma: Parameter behind the trainable bandwidth (absent when fixed).
 
     Shape:
         Input: (N, C) or (N, C, H, W) (any (N, C, *)). Output: same shape.
@@ -278,6 +325,7 @@ class KernelActivation(nn.Module):
         bandwidth: str = "thesis",
         init: str = "random",
         trainable_dictionary: bool = False,
+        per_channel: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
@@ -290,23 +338,49 @@ class KernelActivation(nn.Module):
             raise ValueError(f"bandwidth={bandwidth!r} must be one of {sorted(BANDWIDTH_RULES)}")
         if init not in INITS:
             raise ValueError(f"init={init!r} must be one of {list(INITS)}")
+        for flag_name, value in (("trainable_dictionary", trainable_dictionary), ("per_channel", per_channel)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag_name}={value!r} must be True or False")
+        if per_channel and not trainable_dictionary:
+            raise ValueError(
+                "per_channel=True needs trainable_dictionary=True (a fixed per-channel dictionary "
+                "is the shared one)"
+            )
         self.channels = channels
         self.dictionary_size = dictionary_size
         self.boundary = float(boundary)
         self.bandwidth = bandwidth
         self.init = init
-        self.trainable_dictionary = bool(trainable_dictionary)
+        self.trainable_dictionary = trainable_dictionary
+        self.per_channel = per_channel
 
         dictionary = torch.linspace(-self.boundary, self.boundary, dictionary_size)
         gamma = torch.tensor(kaf_bandwidth(dictionary_size, self.boundary, bandwidth))
+        if per_channel:
+            dictionary = dictionary.repeat(channels, 1)
+            gamma = gamma.repeat(channels)
         if self.trainable_dictionary:
             self.dictionary = nn.Parameter(dictionary)
-            self.gamma = nn.Parameter(gamma)
+            # gamma = softplus(raw): a plain trainable gamma can be stepped through 0, after which
+            # exp(-gamma (s - d)^2) grows without bound and the network turns NaN (that is how
+            # free KAF runs diverged). softplus rather than exp: above ~2 it is almost the
+            # identity, so a step moves gamma by about as much as it moved the plain parameter
+            # (exp would make every step multiplicative), and its slope at the initial gamma
+            # (sigmoid(raw), 0.85 for D=20 on [-3, 3]) keeps the early dynamics close to it.
+            self.raw_gamma = nn.Parameter(softplus_inverse(gamma.double()).to(gamma.dtype))
         else:
             self.register_buffer("dictionary", dictionary)
             self.register_buffer("gamma", gamma)
         self.alpha = nn.Parameter(torch.empty(channels, dictionary_size))
         self.reset_parameters()
+
+    def __getattr__(self, name: str) -> Any:
+        # A trainable bandwidth is stored as raw_gamma; ``gamma`` reads the same positive value
+        # in every mode (a property would clash with the fixed mode's buffer of that name).
+        raw = self._parameters.get("raw_gamma") if name == "gamma" else None
+        if raw is not None:
+            return nn.functional.softplus(raw)
+        return super().__getattr__(name)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -314,7 +388,7 @@ class KernelActivation(nn.Module):
         if self.init == "random":
             nn.init.normal_(self.alpha, mean=0.0, std=RANDOM_INIT_STD)
         else:
-            row = _ridge_alpha(self.init, self.dictionary, float(self.gamma))
+            row = _ridge_alpha(self.init, self.dictionary, self.gamma)
             self.alpha.copy_(row.to(self.alpha).expand_as(self.alpha))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -330,12 +404,24 @@ class KernelActivation(nn.Module):
             f"channels={self.channels}, dictionary_size={self.dictionary_size}, "
             f"boundary={self.boundary}, bandwidth={self.bandwidth!r}, init={self.init!r}, "
             f"trainable_dictionary={self.trainable_dictionary}"
+            + (", per_channel=True" if self.per_channel else "")
         )
 
 
 # --------------------------------------------------------------------------- registration
 
-_KAF_PARAMS = ("dictionary_size", "boundary", "bandwidth", "init", "trainable_dictionary")
+_KAF_PARAMS = ("dictionary_size", "boundary", "bandwidth", "init", "trainable_dictionary", "per_channel")
+
+
+def kaf_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Every KAF's own parameters in ``model`` (alpha, and dictionary/raw_gamma when trainable).
+
+    The thesis' recipe leaves them out of weight decay (only the network's layers are decayed);
+    the registration declares this so the training loop needs no knowledge of KAF.
+    """
+    for module in model.modules():
+        if isinstance(module, KernelActivation):
+            yield from module.parameters(recurse=False)
 
 
 def _place_kaf(params: Mapping[str, Any], num_classes: int) -> LayerSet:
@@ -347,6 +433,7 @@ def _place_kaf(params: Mapping[str, Any], num_classes: int) -> LayerSet:
 
 register_defense(
     "kaf", KernelActivation, place=_place_kaf, params=_KAF_PARAMS,
+    no_weight_decay=kaf_parameters,
     color="#2ca02c",
     cost_budget=(2.5, 2.0),  # issue 2's layer-cost targets (time, memory)
     paper=("Scardapane, Van Vaerenbergh, Totaro, Uncini: Kafnets: kernel-based non-parametric "

@@ -30,6 +30,7 @@ from defenses.noise import ActivationNoise
 __all__ = [
     "KAP_DIMS",
     "KAP_MODES",
+    "KAP_WIDENINGS",
     "KernelAveragePool",
     "channel_grid",
     "kap_out_channels",
@@ -38,6 +39,12 @@ __all__ = [
 
 KAP_DIMS: tuple[int, ...] = (1, 2)
 KAP_MODES: tuple[str, ...] = ("avg", "max")
+
+#: How the network is widened for a strided KAP (Bashivan et al., appendix A.3). "area": by the
+#: factor KAP removes (S in 1D, S^2 in 2D), so every layer keeps its nominal number of ensembles;
+#: "stride": the appendix's words ("by the same factor as the KAP kernel size", S = K there) taken
+#: literally, S also in 2D, so after each 2D KAP the network is S times narrower than nominal.
+KAP_WIDENINGS: tuple[str, ...] = ("area", "stride")
 
 
 def _check_int(name: str, value: object, low: int) -> None:
@@ -88,22 +95,26 @@ def channel_grid(channels: int, stride: int = 1) -> tuple[int, int]:
     )
 
 
-def kap_width_factor(stride: int, dims: int) -> int:
-    """Factor by which the conv before a strided KAP must be widened to keep its channel count.
+def kap_width_factor(stride: int, dims: int, widen: str = "area") -> int:
+    """Factor by which the conv before a strided KAP is widened.
 
     KAP with stride S divides the channels by S (1D) or S^2 (2D); Bashivan et al. (appendix A.3)
-    widen the network by the same factor so each layer keeps the same number of kernel ensembles.
+    widen the network "by the same factor" so each layer keeps the same number of kernel ensembles
+    (``widen="area"``). ``widen="stride"`` takes the appendix's words literally: S in 2D too.
 
     Args:
         stride: KAP stride S >= 1.
         dims: 1 or 2.
+        widen: one of :data:`KAP_WIDENINGS`.
 
     Returns:
-        S for dims=1, S**2 for dims=2.
+        S for dims=1; for dims=2, S**2 ("area") or S ("stride").
     """
     _check_stride(stride)
     _check_dims(dims)
-    return stride if dims == 1 else stride**2
+    if widen not in KAP_WIDENINGS:
+        raise ValueError(f"widen={widen!r} must be one of {list(KAP_WIDENINGS)}")
+    return stride if dims == 1 or widen == "stride" else stride**2
 
 
 def kap_out_channels(in_channels: int, stride: int = 1, dims: int = 2) -> int:
@@ -367,12 +378,19 @@ KAP_SIGMA = 0.0
 
 
 def _place_kap(params: Mapping[str, Any], num_classes: int) -> LayerSet:
-    """KAP (+ noise) after every conv + BN, convs widened by KAP's channel reduction."""
+    """KAP (+ noise) after every conv + BN, convs widened by KAP's channel reduction.
+
+    ``widen="stride"`` (2D): the convs are widened by S only. In backbone terms the nominal
+    widths shrink by S (``width_scale`` 1/S) and the convs are widened by S^2 from there, so a
+    conv has S x its original channels and KAP leaves original / S.
+    """
     kap_kwargs = pick(params, ("kernel_size", "stride", "dims", "mode", "count_include_pad"))
     KernelAveragePool(**kap_kwargs)  # validate once, before building a whole network
     stride = kap_kwargs.get("stride", default_of(KernelAveragePool, "stride"))
     dims = kap_kwargs.get("dims", default_of(KernelAveragePool, "dims"))
-    factor = kap_width_factor(stride, dims)
+    widen = params.get("widen", "area")
+    factor = kap_width_factor(stride, dims)  # what KAP removes; the conv width relative to nominal
+    width_scale = kap_width_factor(stride, dims, widen) / factor
     sigma = nonneg_float(params, "sigma", KAP_SIGMA)
     at_eval = flag(params, "noise_at_eval", False)
 
@@ -395,14 +413,14 @@ def _place_kap(params: Mapping[str, Any], num_classes: int) -> LayerSet:
             return nn.Sequential(kap, ActivationNoise(sigma, at_eval=at_eval))
         return kap
 
-    return LayerSet(post_conv=post_conv, conv_width=factor)
+    return LayerSet(post_conv=post_conv, conv_width=factor, width_scale=width_scale)
 
 
 register_defense(
     "kap", KernelAveragePool, place=_place_kap,
     # sigma > 0 adds ActivationNoise after every KAP; noise_at_eval keeps it in eval mode
-    # (the authors' stochastic deployment).
-    params=("kernel_size", "stride", "dims", "mode", "count_include_pad", "sigma", "noise_at_eval"),
+    # (the authors' stochastic deployment); widen picks the reading of the widening rule.
+    params=("kernel_size", "stride", "dims", "mode", "count_include_pad", "sigma", "noise_at_eval", "widen"),
     color="#1f77b4",
     cost_budget=(1.3, None),  # issue 2's layer-cost targets (time, memory)
     paper="Bashivan, Ibrahim, Dehghani, Ren: Learning Robust Kernel Ensembles with Kernel Average Pooling (2022)",

@@ -6,7 +6,8 @@ KAF replaces ReLU by g(s) = sum_i alpha_i exp(-gamma (s - d_i)^2) per channel, o
 dictionary of D points equally spaced on [-boundary, boundary].
 
 Paper defaults (thesis): D = 20, random alpha, bandwidth gamma = 1/(6 Delta^2), fixed dictionary,
-boundary 3 (the reference code uses 3 or 4).
+boundary 3 (the reference code uses 3 or 4). KAF_Free trains the dictionary and the bandwidth too,
+shared by the layer or (``per_channel``, the thesis' variant) one of each per channel.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ SPACE = DefenseSpace(
         Categorical("init", ("random", "relu", "elu", "swish")),
         Categorical("bandwidth", ("thesis", "reference")),
         Categorical("trainable_dictionary", (False, True)),
+        # The thesis' KAF_Free: a dictionary and a bandwidth per channel (2*C*D + C parameters).
+        Categorical("per_channel", (False, True), when=("trainable_dictionary", (True,))),
         Float("boundary", 2.0, 4.0),
     ),
     defaults={
@@ -33,6 +36,7 @@ SPACE = DefenseSpace(
         "init": "random",
         "bandwidth": "thesis",
         "trainable_dictionary": False,
+        "per_channel": False,
         "boundary": 3.0,
     },
     description=(

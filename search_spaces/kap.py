@@ -8,7 +8,9 @@ Paper defaults: the paper uses sigma in {0, 0.1, 0.2} (0.1 here), a mean filter 
 (overlapping kernels), and the authors' lab code uses the 2D layout (channels on a grid); the
 kernel size K = 3 is our default for the 1..4 range and is the value to confirm against the
 paper's appendix. Stride S > 1 shrinks the channels (by S in 1D, S^2 in 2D) and is compensated by
-widening the preceding conv (paper appendix A.3).
+widening the preceding conv (paper appendix A.3): by S^2 in 2D (``widen: area``, the default:
+every layer keeps its nominal number of ensembles) or by S as the appendix words it
+(``widen: stride``), see docs/defenses.md.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = ["NON_CONSTRUCTOR_PARAMS", "SPACE"]
 # Space parameters that are not keyword arguments of defenses.kap.KernelAveragePool:
 NON_CONSTRUCTOR_PARAMS: tuple[str, ...] = (
     "sigma",  # std of the ActivationNoise(sigma) placed after each KAP, not a KAP argument
+    "widen",  # how the convs before a strided KAP are widened (placement, not a KAP argument)
 )
 
 SPACE = DefenseSpace(
@@ -33,8 +36,10 @@ SPACE = DefenseSpace(
         Float("sigma", 0.0, 0.3),
         Categorical("dims", (1, 2)),
         Categorical("mode", ("avg", "max")),
+        # The two readings of the widening rule differ only in 2D (1D: both widen by S).
+        Categorical("widen", ("area", "stride"), when=("dims", (2,))),
     ),
-    defaults={"kernel_size": 3, "stride": 1, "sigma": 0.1, "dims": 2, "mode": "avg"},
+    defaults={"kernel_size": 3, "stride": 1, "sigma": 0.1, "dims": 2, "mode": "avg", "widen": "area"},
     description=(
         "Kernel Average Pool: mean (or max) filter of size K, stride S along the channel axis "
         "after each conv, then Gaussian activation noise N(0, sigma^2)"

@@ -111,6 +111,9 @@ class TrainingConfig(_Strict):
     """SGD momentum."""
     weight_decay: float = Field(5e-4, ge=0.0, le=0.1)
     """L2 weight decay."""
+    defense_weight_decay: bool = True
+    """Decay the parameters a defense declares its own too (KAF's alpha, dictionary, bandwidth).
+    false: only the network's layers, as the KAF thesis trains."""
     schedule: Literal["onecycle", "multistep", "cosine", "constant"] = "onecycle"
     """Learning-rate schedule (one-cycle is the fast-AT recipe's)."""
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])

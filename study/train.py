@@ -36,6 +36,7 @@ from torch.utils.data import Subset
 from defenses import BASELINE, EpochHook, get_defense, make_epoch_hook
 from study.config import TrainingConfig
 from study.data import DataBundle, eval_loader, train_loader
+from study.optim_groups import parameter_groups
 from study.recipes import RECIPES, Recipe, StepContext, linf_pgd
 
 __all__ = [
@@ -424,7 +425,7 @@ def fit(
             raise ValueError(f"training.{what}={name!r} must be one of {', '.join(table)}")
     recipe = RECIPES[cfg.recipe]
     model.to(device)
-    optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg)
+    optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(model, cfg, defense), cfg)
     hook_factory = get_defense(defense).epoch_hook if defense and defense != BASELINE else None
     hooks: list[EpochHook] = [make_epoch_hook(hook_factory, defense_params, cfg.epochs)] if hook_factory else []
     finetune = _finetune_phase(hooks)

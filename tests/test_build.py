@@ -277,7 +277,7 @@ def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
 def test_layer_keyword_names_match_constructors() -> None:
     """defense_params keys that reach a layer are that layer's constructor keywords."""
     passed_through = {
-        "kap": (KernelAveragePool, {"sigma", "noise_at_eval"}),
+        "kap": (KernelAveragePool, {"sigma", "noise_at_eval", "widen"}),
         "noise": (ActivationNoise, set()),
         "kwta": (KWinnersTakeAll, {"gamma_start", "gamma_step", "gamma_every", "gamma_schedule", "gamma_hold",
                                    "gamma_hold_fraction", "gamma_final_fraction", "gamma_finetune_lr"}),

@@ -197,23 +197,24 @@ def test_trial_that_dies_without_retries_is_failed_with_reason_and_study_finishe
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_diverging_trial_is_failed_and_the_front_uses_the_rest(tmp_path: Path) -> None:
-    # Adam at lr 10 turns a KAF network with a trainable dictionary ("KAF_Free") NaN within an
-    # epoch (the thesis' deep KAF networks diverged the same way); the baseline survives it.
-    spec = tiny_spec(tmp_path, name="diverge", trials=2, defenses={"kaf": {"trainable_dictionary": True}},
-                     training={"epochs": 2, "lr": 10.0, "optimizer": "adam", "schedule": "constant"})
+    # A plug-in layer that turns training activations NaN stands in for a diverging network (the
+    # thesis' deep KAF networks diverged; KAF_Free used to, through a bandwidth stepped below 0,
+    # until the bandwidth was kept positive). The baseline trains normally.
+    plugin = Path(__file__).resolve().parent / "plugins" / "toy_nan.py"
+    spec = tiny_spec(tmp_path, name="diverge", trials=2, defenses={"toy_nan": {}}, plugins=[str(plugin)])
     proc = cli("run", str(spec), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = json.loads((tmp_path / "results" / "diverge" / "trials.json").read_text())
     by_defense = {r["defense"]: r for r in records}
-    assert by_defense["kaf"]["status"] == "diverged" and "nan" in by_defense["kaf"]["reason"]
-    assert not by_defense["kaf"]["on_front"]
+    assert by_defense["toy_nan"]["status"] == "diverged" and "nan" in by_defense["toy_nan"]["reason"]
+    assert not by_defense["toy_nan"]["on_front"]
     _, children = mlflow_runs(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}", "diverge")
-    kaf_run = [c for c in children if c.data.params.get("defense") == "kaf"][0]
-    assert kaf_run.info.status == "FAILED" and "nan" in kaf_run.data.tags["reason"]
+    nan_run = [c for c in children if c.data.params.get("defense") == "toy_nan"][0]
+    assert nan_run.info.status == "FAILED" and "nan" in nan_run.data.tags["reason"]
     import optuna
 
     study = optuna.load_study(study_name="diverge", storage=f"sqlite:///{tmp_path / 'results' / 'diverge' / 'optuna.db'}")
     states = {t.params.get("defense", "none"): t.state.name for t in study.trials}
-    assert len(study.trials) == 2 and states["kaf"] == "FAIL"
+    assert len(study.trials) == 2 and states["toy_nan"] == "FAIL"
     # The survivor reaches Optuna as a result only if its evaluation was trusted.
     assert states["none"] == ("COMPLETE" if by_defense["none"]["trusted"] else "FAIL")

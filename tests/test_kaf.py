@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import defenses.kaf as kaf_module
-from defenses.kaf import KernelActivation, kaf_bandwidth, kaf_lean, kaf_naive
+from defenses.kaf import KernelActivation, kaf_bandwidth, kaf_lean, kaf_naive, softplus_inverse
 
 
 def _loop_kaf(x: torch.Tensor, alpha: torch.Tensor, d: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -82,11 +82,17 @@ def test_random_init_std():
     assert abs(kaf.alpha.std().item() - kaf_module.RANDOM_INIT_STD) < 0.02
 
 
-@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("trainable", [False, True, "per_channel"])
 @pytest.mark.parametrize("shape", [(2, 3, 2, 3), (3, 3)])
 def test_gradcheck_lean(shape, trainable):
     torch.manual_seed(1)
-    kaf = KernelActivation(3, dictionary_size=5, trainable_dictionary=trainable).double()
+    kaf = KernelActivation(
+        3, dictionary_size=5, trainable_dictionary=bool(trainable), per_channel=trainable == "per_channel"
+    ).double()
+    if trainable == "per_channel":  # distinct rows, so a mix-up of channels shows
+        with torch.no_grad():
+            kaf.dictionary.add_(0.2 * torch.randn_like(kaf.dictionary))
+            kaf.raw_gamma.add_(0.3 * torch.randn_like(kaf.raw_gamma))
     x = (torch.randn(*shape, dtype=torch.float64) * 2).requires_grad_()
     # Make dictionary/gamma leaf tensors that require grad in both cases, so gradcheck covers
     # every backward formula of the custom Function.
@@ -101,18 +107,28 @@ def test_gradcheck_lean(shape, trainable):
 
 def _grads(fn, x, kaf, weights):
     x = x.detach().clone().requires_grad_()
-    params = [p for p in (kaf.alpha, kaf.dictionary, kaf.gamma) if p.requires_grad]
-    y = fn(x, kaf.alpha, kaf.dictionary, kaf.gamma)
+    gamma = kaf.gamma  # computed once: a trainable bandwidth is softplus(raw_gamma)
+    params = [p for p in (kaf.alpha, kaf.dictionary, gamma) if p.requires_grad]
+    y = fn(x, kaf.alpha, kaf.dictionary, gamma)
     return (y, *torch.autograd.grad((y * weights).sum(), [x, *params]))
 
 
-@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("trainable", [False, True, "per_channel"])
 @pytest.mark.parametrize("shape", [(4, 8, 5, 5), (6, 8)])
 def test_lean_equals_naive_values_and_all_gradients(shape, trainable, monkeypatch):
     torch.manual_seed(2)
-    kaf = KernelActivation(8, dictionary_size=12, trainable_dictionary=trainable, init="swish")
+    kaf = KernelActivation(
+        8,
+        dictionary_size=12,
+        trainable_dictionary=bool(trainable),
+        init="swish",
+        per_channel=trainable == "per_channel",
+    )
     with torch.no_grad():
         kaf.alpha.add_(0.1 * torch.randn_like(kaf.alpha))  # per-channel differences
+        if trainable == "per_channel":
+            kaf.dictionary.add_(0.2 * torch.randn_like(kaf.dictionary))
+            kaf.raw_gamma.add_(0.3 * torch.randn_like(kaf.raw_gamma))
     x = torch.randn(*shape) * 2
     weights = torch.randn(*shape)
     naive = _grads(kaf_naive, x, kaf, weights)
@@ -146,9 +162,9 @@ def test_trainable_dictionary_gets_gradients():
     torch.manual_seed(3)
     kaf = KernelActivation(3, dictionary_size=8, trainable_dictionary=True)
     names = {name for name, _ in kaf.named_parameters()}
-    assert names == {"alpha", "dictionary", "gamma"}
+    assert names == {"alpha", "dictionary", "raw_gamma"}  # gamma = softplus(raw_gamma)
     kaf(torch.randn(4, 3, 2, 2)).square().sum().backward()
-    for p in (kaf.alpha, kaf.dictionary, kaf.gamma):
+    for p in (kaf.alpha, kaf.dictionary, kaf.raw_gamma):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
@@ -200,3 +216,70 @@ def test_torch_func_transforms_match_naive():
 
 def test_empty_batch():
     assert KernelActivation(4)(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)
+
+
+# --- KAF_Free per channel (seed thesis: "doubling the number of parameters") -----------------
+
+
+def test_per_channel_free_parameter_count_by_hand():
+    # C = 16 channels, D = 20 points. Fixed dictionary: alpha only, C*D = 16*20 = 320.
+    # Shared KAF_Free: + D dictionary points + 1 bandwidth = 320 + 20 + 1 = 341.
+    # Per-channel KAF_Free: alpha C*D + dictionary C*D + bandwidth C = 320 + 320 + 16 = 656,
+    # i.e. "doubling the number of parameters" of the activation, plus one bandwidth per channel.
+    def count(**kwargs):
+        return sum(p.numel() for p in KernelActivation(16, dictionary_size=20, **kwargs).parameters())
+
+    assert count() == 320
+    assert count(trainable_dictionary=True) == 341
+    assert count(trainable_dictionary=True, per_channel=True) == 656
+    kaf = KernelActivation(16, dictionary_size=20, trainable_dictionary=True, per_channel=True)
+    assert tuple(kaf.dictionary.shape) == (16, 20) and tuple(kaf.raw_gamma.shape) == (16,)
+
+
+def test_per_channel_free_starts_as_the_thesis_kaf():
+    # Every channel starts with the same dictionary linspace(-3, 3, 20) and gamma = 1/(6 Delta^2),
+    # Delta = 6/19, so before training the per-channel KAF computes the fixed one's function.
+    fixed = KernelActivation(4, dictionary_size=20, init="elu").double()
+    free = KernelActivation(4, dictionary_size=20, init="elu", trainable_dictionary=True, per_channel=True).double()
+    delta = 6.0 / 19.0
+    torch.testing.assert_close(free.gamma, torch.full((4,), 1 / (6 * delta**2), dtype=torch.float64))
+    torch.testing.assert_close(free.dictionary[2], torch.linspace(-3, 3, 20, dtype=torch.float64))
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    # float32 construction: raw_gamma holds gamma's softplus preimage to float32 precision.
+    torch.testing.assert_close(free(x), fixed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_per_channel_free_uses_each_channels_own_dictionary_and_bandwidth():
+    kaf = KernelActivation(2, dictionary_size=3, trainable_dictionary=True, per_channel=True).double()
+    with torch.no_grad():
+        kaf.alpha.copy_(torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]]))
+        kaf.dictionary.copy_(torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.5, 2.0]]))
+        kaf.raw_gamma.copy_(softplus_inverse(torch.tensor([0.5, 2.0], dtype=torch.float64)))
+    x = torch.tensor([[0.3, -0.7]], dtype=torch.float64)
+    # By hand: g_0(0.3) = 1 e^{-0.5*1.69} + 2 e^{-0.5*0.09} - e^{-0.5*0.49};
+    #          g_1(-0.7) = 0.5 e^{-2*1.69} + 0 + 3 e^{-2*7.29}.
+    g0 = math.exp(-0.845) + 2 * math.exp(-0.045) - math.exp(-0.245)
+    g1 = 0.5 * math.exp(-3.38) + 3 * math.exp(-14.58)
+    torch.testing.assert_close(kaf(x), torch.tensor([[g0, g1]], dtype=torch.float64))
+
+
+def test_bandwidth_stays_positive_after_a_step_that_would_make_it_negative():
+    kaf = KernelActivation(3, dictionary_size=20, trainable_dictionary=True, per_channel=True)
+    gamma0 = 1 / (6 * (6.0 / 19.0) ** 2)  # 1.6713...
+    opt = torch.optim.SGD(kaf.parameters(), lr=1.0)
+    # loss = 10 * sum(gamma): d loss / d gamma = 10, so a plain gamma would step to 1.67 - 10 < 0.
+    (10 * kaf.gamma.sum()).backward()
+    opt.step()
+    # softplus: raw0 = log(e^{gamma0} - 1); d gamma / d raw = sigmoid(raw0);
+    # raw1 = raw0 - 10 sigmoid(raw0); gamma1 = log(1 + e^{raw1}).
+    raw0 = math.log(math.exp(gamma0) - 1)
+    raw1 = raw0 - 10 / (1 + math.exp(-raw0))
+    gamma1 = math.log1p(math.exp(raw1))
+    assert gamma0 - 10 < 0 < gamma1
+    torch.testing.assert_close(kaf.gamma.detach(), torch.full((3,), gamma1), rtol=1e-5, atol=0)
+    assert bool(torch.isfinite(kaf(torch.randn(2, 3, 4))).all())
+
+
+def test_per_channel_needs_a_trainable_dictionary():
+    with pytest.raises(ValueError, match="per_channel=True needs trainable_dictionary=True"):
+        KernelActivation(4, per_channel=True)

@@ -121,7 +121,7 @@ def test_non_constructor_params_are_params_of_their_space(name):
 
 def test_paper_defaults_are_the_documented_ones():
     assert SPACES["kap"].defaults == {
-        "kernel_size": 3, "stride": 1, "sigma": 0.1, "dims": 2, "mode": "avg"}
+        "kernel_size": 3, "stride": 1, "sigma": 0.1, "dims": 2, "mode": "avg", "widen": "area"}
     assert SPACES["kwta"].defaults["gamma"] == 0.1
     assert SPACES["kwta"].defaults["gamma_start"] == 0.2
     assert SPACES["kaf"].defaults["dictionary_size"] == 20
@@ -405,7 +405,15 @@ def test_defense_choices_and_paper_default_configs():
     no_baseline = ConditionalSpace(("kaf",), include_baseline=False)
     assert no_baseline.defense_choices() == ("kaf",)
     assert no_baseline.paper_default_configs() == [
-        {"defense": "kaf", **{f"kaf.{k}": v for k, v in SPACES["kaf"].defaults.items()}}]
+        {"defense": "kaf", **{f"kaf.{k}": v for k, v in _active_defaults("kaf").items()}}]
+    # KAF's per_channel only matters with a trainable dictionary, off by default: not written.
+    assert "kaf.per_channel" not in no_baseline.paper_default_configs()[0]
+
+
+def _active_defaults(defense):
+    """The defaults of the parameters active under the defaults (``when`` relations)."""
+    space = SPACES[defense]
+    return {p.name: space.defaults[p.name] for p in space.params if space.is_active(p, space.defaults)}
 
 
 def test_paper_default_configs_follow_overrides():
