@@ -169,3 +169,36 @@ def test_square_follows_the_reference_schedule():
         "rescaled" in s["p_schedule"]
         and "rescaled" not in ATTACKS["autoattack"].settings(AttackConfig(name="autoattack"), ctx)["p_schedule"]
     )
+
+
+class NoisyLinear(nn.Module):
+    """A fixed linear classifier on 4 pixels plus fresh Gaussian noise on its logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]]))
+            self.lin.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x.flatten(1))
+        return out + 0.5 * torch.randn_like(out)
+
+
+def test_checks_on_a_stochastic_model_use_eot_and_noise_slack():
+    n = 24
+    y = torch.arange(n) % 3
+    x = torch.zeros(n, 1, 2, 2)
+    x.view(n, 4)[torch.arange(n), y] = 0.8
+    cfg = EvalConfig(
+        eps=0.1, n_samples=n, check_samples=12, passes=4, eps_curve=[0.1],
+        attacks=[{"name": "eot_pgd", "steps": 2, "eot_samples": 2}],
+    )  # fmt: skip
+    result = run(NoisyLinear(), x, y, cfg, num_classes=3)
+    flags = {f["id"]: f for f in result.flags}
+    assert result.stochastic and {"R1", "R5", "R6", "R7", "R8", "R12"} <= set(flags)
+    assert flags["R5"]["values"]["attack"] == "eot_pgd" and flags["R7"]["values"]["pgd_attack"] == "eot_pgd"
+    assert flags["R12"]["passed"]
+    # Two 4-pass estimates on 12 samples differ by noise: three standard errors on top of 1 point.
+    assert flags["R5"]["values"]["tol"] == pytest.approx(0.01 + 3 * (2 * 0.25 / (12 * 4)) ** 0.5)
