@@ -485,7 +485,7 @@ def run_checks(
 
     flag = check_fgsm_vs_pgd(outcomes, tol=FGSM_TOL + slack)
     if flag is None:  # the suite has no FGSM/PGD pair: the check brings its own single step
-        fgsm = run_attack(model, xc, yc, AttackConfig(name="fgsm"), ctx, keep_adv=False)
+        fgsm = run_attack(model, xc, yc, AttackConfig(name="fgsm", eps=base_cfg.eps), ctx, keep_adv=False)
         check_outcomes.append(fgsm)
         flag = check_fgsm_vs_pgd([fgsm, base], tol=FGSM_TOL + check_slack)
     if flag is not None:

@@ -252,8 +252,9 @@ def test_run_checks_brings_its_own_fgsm_and_convergence_attacks(trained):
     """A suite with PGD alone still gets R5, R6 and R7 (the checks run FGSM themselves)."""
     eps = 0.2
     x, y = grey(30)
-    cfg = EvalConfig(eps=eps, check_samples=30, attacks=[{"name": "pgd", "steps": 10}], eps_curve=[])
-    ctx = ctx_for(2, eps)
+    # The suite's PGD has its own eps (not the eval eps 0.3): the check's FGSM must use the same.
+    cfg = EvalConfig(eps=0.3, check_samples=30, attacks=[{"name": "pgd", "steps": 10, "eps": eps}], eps_curve=[])
+    ctx = ctx_for(2, 0.3)
     model = CornerOnly(eps)
     outcomes = [run_attack(model, x, y, a, ctx, keep_adv=False) for a in cfg.attacks]
     flags = {
@@ -273,7 +274,7 @@ def test_run_checks_brings_its_own_fgsm_and_convergence_attacks(trained):
             recipe="standard",
         )
     }
-    assert not flags["R7"].passed and flags["R7"].values["pgd_attack"] == "pgd"
+    assert not flags["R7"].passed and flags["R7"].values["pgd_attack"] == "pgd" and flags["R7"].values["eps"] == eps
     assert {"R5", "R6", "R7"} <= set(flags)
     mlp, xt, yt = trained
     outcomes = [run_attack(mlp, xt, yt, a, ctx_for(), keep_adv=False) for a in cfg.attacks]
