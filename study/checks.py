@@ -39,6 +39,8 @@ __all__ = [
     "Flag",
     "check_batch_independence",
     "check_black_box",
+    "check_more_restarts",
+    "check_more_steps",
     "check_eps_curve",
     "check_fgsm_vs_pgd",
     "check_gradients",
@@ -49,6 +51,8 @@ __all__ = [
     "check_routing",
     "check_stochastic",
     "check_unbounded",
+    "convergence_attack",
+    "noise_tolerance",
     "probe_stochastic",
     "routing_defenses",
     "run_checks",
@@ -68,12 +72,15 @@ UNBOUNDED_MAX_ACCURACY = 0.05
 """R4: an unbounded attack must succeed on >= 95% of the samples."""
 SQUARE_CHECK_QUERIES = 1000
 """R8: Square's budget when the suite has no black-box attack to reuse."""
-R8_MIN_COUNT, R8_MAX_FRACTION = 2, 0.01
-"""R8 fails when Square breaks >= 2 samples and > 1% of them that every white-box attack missed."""
+R8_MIN_COUNT, R8_MAX_FRACTION = 1, 0.0
+"""R8 fails at the first sample Square breaks that every white-box attack missed (AutoAttack's
+own check warns at any such sample)."""
 ZERO_GRAD_MAX_FRACTION = 0.05
 """R11: tolerated fraction of samples with a zero or non-finite input gradient."""
 FGSM_TOL = 0.02
 """R7: PGD may exceed FGSM's accuracy by at most 2 points."""
+CONVERGENCE_TOL = 0.01
+"""R5/R6: twice the steps, or twice the restarts, may lower accuracy by at most 1 point."""
 HARNESS_MAX_ACCURACY = 0.1
 """R17: an undefended, standard-trained model must be broken (<= 10%) at the study eps."""
 
@@ -119,11 +126,25 @@ def trusted(flags: Sequence[Flag | dict[str, Any]]) -> bool:
 # --------------------------------------------------------------------------- pure checks
 
 
+def noise_tolerance(n: int, passes: int) -> float:
+    """Extra slack for comparing two accuracies of a stochastic model scored over ``passes``
+    passes on ``n`` samples: three standard errors of their difference at the worst case p = 1/2
+    (each estimate's variance at most 1 / (4 n passes)). 0 for one pass (deterministic)."""
+    if passes <= 1 or n <= 0:
+        return 0.0
+    return 3.0 * (2 * 0.25 / (n * passes)) ** 0.5
+
+
 def check_eps_curve(curve: Sequence[tuple[float, float]], clean_accuracy: float, tol: float = CURVE_TOL) -> Flag:
     """R1: accuracy does not rise with eps, and eps = 0 reproduces the clean accuracy.
 
-    Each point may exceed the lowest accuracy at any smaller eps by at most ``tol``.
+    Each point may exceed the lowest accuracy at any smaller eps by at most ``tol``. The eps = 0
+    point must be the attack run with a zero budget (``study.evaluate.eps_curve``), not the clean
+    pass again. An empty curve (``eval.eps_curve: []``) is reported as skipped.
     """
+    if not curve:
+        return Flag("R1", "eps_monotone", True, True, {"curve": [], "skipped": "no eps curve (eval.eps_curve: [])"},
+                    "skipped: no eps curve")
     points = sorted((float(e), float(a)) for e, a in curve)
     rises = []
     lowest = float("inf")
@@ -147,9 +168,9 @@ def check_eps_curve(curve: Sequence[tuple[float, float]], clean_accuracy: float,
 
 
 def check_fgsm_vs_pgd(outcomes: Sequence[AttackOutcome], tol: float = FGSM_TOL) -> Flag | None:
-    """R7 (warn): iterative PGD is not weaker than single-step FGSM at the same eps."""
+    """R7 (warn): iterative PGD (or EOT-PGD) is not weaker than single-step FGSM at the same eps."""
     fgsm = [o for o in outcomes if o.name == "fgsm"]
-    pgd = [o for o in outcomes if o.name == "pgd"]
+    pgd = [o for o in outcomes if o.name in ("pgd", "eot_pgd")]
     pairs = [(f, p) for f in fgsm for p in pgd if abs(f.settings["eps"] - p.settings["eps"]) < 1e-12]
     if not pairs:
         return None
@@ -158,7 +179,32 @@ def check_fgsm_vs_pgd(outcomes: Sequence[AttackOutcome], tol: float = FGSM_TOL) 
     msg = "PGD <= FGSM" if passed else (
         f"PGD accuracy {p.accuracy:.3f} > FGSM {f.accuracy:.3f}: gradient masking or a bad step size")
     return Flag("R7", "pgd_below_fgsm", passed, False,
-                {"fgsm": f.accuracy, "pgd": p.accuracy, "eps": f.settings["eps"], "tol": tol}, msg)
+                {"fgsm": f.accuracy, "pgd": p.accuracy, "pgd_attack": p.name, "eps": f.settings["eps"], "tol": tol,
+                 "n": int(p.correct.numel())}, msg)
+
+
+def _convergence(what: str, base: AttackOutcome, stronger: AttackOutcome,
+                 tol: float) -> tuple[bool, bool, dict[str, Any], str]:
+    drop = base.accuracy - stronger.accuracy
+    passed = drop <= tol + 1e-12
+    s, b = stronger.settings, base.settings
+    msg = (f"{what} lowers accuracy by {max(drop, 0.0):.3f} (<= {tol:.3f})" if passed else
+           f"{what} lowers accuracy from {base.accuracy:.3f} to {stronger.accuracy:.3f}: the attack has not "
+           "converged; quote the stronger attack or raise its budget")
+    values = {"attack": base.name, "base": base.accuracy, "stronger": stronger.accuracy, "drop": drop, "tol": tol,
+              "steps": [b["steps"], s["steps"]], "restarts": [b["restarts"], s["restarts"]],
+              "n": int(base.correct.numel())}
+    return passed, False, values, msg
+
+
+def check_more_steps(base: AttackOutcome, stronger: AttackOutcome, tol: float = CONVERGENCE_TOL) -> Flag:
+    """R5 (warn): the same attack with twice the steps does not lower accuracy by more than ``tol``."""
+    return Flag("R5", "more_steps_converged", *_convergence("twice the steps", base, stronger, tol))
+
+
+def check_more_restarts(base: AttackOutcome, stronger: AttackOutcome, tol: float = CONVERGENCE_TOL) -> Flag:
+    """R6 (warn): the same attack with twice the restarts does not lower accuracy by more than ``tol``."""
+    return Flag("R6", "more_restarts_converged", *_convergence("twice the restarts", base, stronger, tol))
 
 
 def check_black_box(
@@ -359,6 +405,21 @@ def check_unbounded(model: nn.Module, x: Tensor, y: Tensor, ctx: AttackContext) 
 # --------------------------------------------------------------------------- all of them
 
 
+def convergence_attack(attacks: Sequence[AttackConfig], outcomes: Sequence[AttackOutcome],
+                       stochastic: bool) -> AttackConfig:
+    """The iterative attack R5/R6 strengthen and R7 compares with FGSM: on a stochastic model whose
+    suite averages over its randomness (``outcomes`` has an EOT attack, added ones included),
+    EOT-PGD with the suite's EOT samples; otherwise PGD. The configured one when the suite has it."""
+    eot = [o for o in outcomes if o.eot]
+    name = "eot_pgd" if stochastic and eot else "pgd"
+    found = next((a for a in attacks if a.name == name), None)
+    if found is not None:
+        return found
+    if name == "eot_pgd":
+        return AttackConfig(name="eot_pgd", eot_samples=eot[0].settings.get("eot_samples") or 20)
+    return AttackConfig(name="pgd")
+
+
 def run_checks(
     model: nn.Module,
     x: Tensor,
@@ -377,8 +438,10 @@ def run_checks(
 ) -> list[Flag]:
     """Every integrity check of docs/evaluation.md that this harness implements, in rule order.
 
-    Costly checks (R2, R4, R8's own Square, R17's PGD when the suite has none at the eval eps)
-    run on the first ``cfg.check_samples`` inputs with the same seed and votes as the suite.
+    Costly checks (R2, R4, R5-R7's attacks, R8's own Square, R17's PGD when the suite has none at
+    the eval eps) run on the first ``cfg.check_samples`` inputs with the same seed, votes and
+    passes as the suite. On a stochastic model scored over several passes, comparisons of two
+    accuracies (R1, R5, R6, R7) get :func:`noise_tolerance` on top of their threshold.
 
     Args:
         model: The model as evaluated (same noise configuration as the suite).
@@ -397,7 +460,8 @@ def run_checks(
     """
     xc, yc = x[: cfg.check_samples], y[: cfg.check_samples]
     pgd_steps = next((o.settings["steps"] for o in outcomes if o.name == "pgd"), PGD_STEPS)
-    flags: list[Flag] = [check_eps_curve(eps_curve, clean_accuracy)]
+    slack = noise_tolerance(int(x.shape[0]), ctx.passes)
+    flags: list[Flag] = [check_eps_curve(eps_curve, clean_accuracy, tol=CURVE_TOL + slack)]
     check_outcomes: list[AttackOutcome] = []
 
     flag, outcome = check_large_eps(model, xc, yc, ctx, steps=pgd_steps)
@@ -407,7 +471,23 @@ def run_checks(
     flags.append(flag)
     check_outcomes.append(outcome)
 
-    flag = check_fgsm_vs_pgd(outcomes)
+    # R5/R6/R7 compare attacks on the same check samples with the same seed.
+    check_slack = noise_tolerance(int(xc.shape[0]), ctx.passes)
+    base_cfg = convergence_attack(cfg.attacks, outcomes, stochastic)
+    base = run_attack(model, xc, yc, base_cfg, ctx, keep_adv=False)
+    steps = base.settings["steps"]
+    longer = run_attack(model, xc, yc, base_cfg.model_copy(update={"steps": 2 * steps}), ctx, keep_adv=False)
+    more = run_attack(model, xc, yc, base_cfg.model_copy(update={"restarts": 2 * base.settings["restarts"]}), ctx,
+                      keep_adv=False)
+    check_outcomes += [base, longer, more]
+    flags.append(check_more_steps(base, longer, tol=CONVERGENCE_TOL + check_slack))
+    flags.append(check_more_restarts(base, more, tol=CONVERGENCE_TOL + check_slack))
+
+    flag = check_fgsm_vs_pgd(outcomes, tol=FGSM_TOL + slack)
+    if flag is None:  # the suite has no FGSM/PGD pair: the check brings its own single step
+        fgsm = run_attack(model, xc, yc, AttackConfig(name="fgsm", eps=base_cfg.eps), ctx, keep_adv=False)
+        check_outcomes.append(fgsm)
+        flag = check_fgsm_vs_pgd([fgsm, base], tol=FGSM_TOL + check_slack)
     if flag is not None:
         flags.append(flag)
 

@@ -182,12 +182,31 @@ class EvalConfig(_Strict):
     """Evaluation batch size."""
     attacks: list[AttackConfig] = Field(default_factory=lambda: [AttackConfig(name="pgd")])
     """The suite; robust accuracy is the per-sample worst case over it."""
-    eps_curve: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
-    """Epsilons of the accuracy-vs-eps curve (PGD); 0 (clean) is always added."""
+    eps_curve: list[float] = Field(default_factory=lambda: default_eps_curve(0.2))
+    """Epsilons of the accuracy-vs-eps curve (PGD, checked by R1); 0 is always added. Unset: eps/2,
+    eps, 2*eps (capped at 1); [] skips R1."""
+    randomized: Literal["single_pass", "smoothed"] = "single_pass"
+    """Stochastic models: single_pass scores the deployed classifier (expected accuracy over
+    `passes` forward passes); smoothed scores a different, majority-vote classifier."""
+    passes: int = Field(10, ge=2, le=1000)
+    """Stochastic models: forward passes per expected-accuracy estimate (or per smoothed vote)."""
+    add_eot: bool = True
+    """Stochastic models: add an EOT attack when the suite has none; off leaves the suite as
+    given, and R12 then fails."""
     checks: bool = True
     """Run the integrity checks (docs/evaluation.md) and set `trusted`."""
     check_samples: int = Field(100, ge=10)
     """Samples used by the costlier integrity checks (large-eps, unbounded, Square)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _curve_follows_eps(cls, data: Any) -> Any:
+        # The default curve brackets the configured eps, whatever the dataset's convention.
+        if isinstance(data, dict) and "eps_curve" not in data:
+            eps = data.get("eps", 0.2)
+            if isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps <= 1:
+                return {**data, "eps_curve": default_eps_curve(float(eps))}
+        return data
 
     @field_validator("attacks")
     @classmethod
@@ -203,6 +222,11 @@ class EvalConfig(_Strict):
             if not 0.0 < eps <= 1.0:  # NaN fails too
                 raise ValueError(f"eps {eps} must be in (0, 1] (inputs are in [0, 1])")
         return value
+
+
+def default_eps_curve(eps: float) -> list[float]:
+    """R1's default curve: half, once and twice the eval eps (at most 1, inputs are in [0, 1])."""
+    return sorted({round(eps / 2, 6), eps, min(round(2 * eps, 6), 1.0)})
 
 
 class TrialConfig(_Strict):

@@ -5,15 +5,21 @@ What :func:`evaluate` measures (``docs/evaluation.md``):
 * clean accuracy, and per attack its accuracy with every setting used;
 * robust accuracy = mean over samples of "correct under *every* attack" (the per-sample worst
   case, Croce & Hein's AutoAttack convention), never the minimum of per-attack means;
-* an accuracy-vs-eps curve with PGD (the suite's PGD steps, the same seed) at 0 and each
-  ``eps_curve`` value;
+* an accuracy-vs-eps curve with PGD (the suite's PGD steps, the same seed) at each
+  ``eps_curve`` value and at eps = 0, where the attack runs with a zero budget: that point goes
+  through the whole attack path, so R1 can catch a harness that scores attacked inputs
+  differently from clean ones;
 * the integrity flags of :mod:`study.checks`; ``trusted`` = every gate passed.
 
 Honest by default, so a careless suite cannot inflate a number:
 
 * a stochastic model (outputs differ between two eval-mode passes, R12) gets an EOT attack added
-  when the suite has none (``autoattack_rand`` next to ``autoattack``, else ``eot_pgd``), and its
-  predictions are the mean softmax over several passes (Athalye et al., "Obfuscated gradients");
+  when the suite has none (``autoattack_rand`` next to ``autoattack``, else ``eot_pgd``; off with
+  ``eval.add_eot: false``, and R12 then fails). It is scored as deployed: one pass decides a
+  prediction, accuracy is the expected accuracy over ``eval.passes`` passes (Athalye et al.,
+  "Obfuscated gradients"), every sample some pass gets right is attacked, and the per-sample
+  worst point over the suite is scored again with fresh passes. ``eval.randomized: smoothed``
+  scores the majority-vote classifier instead, labelled as such;
 * a model with CAS modules gets the adaptive attack on CAS's joint loss (Bai et al., "Improving
   adversarial robustness via channel-wise activation suppressing") added;
 * KAP protocol (Bashivan et al., "Learning robust kernel ensembles with kernel average pooling"):
@@ -41,12 +47,14 @@ from torch import Tensor, nn
 from study.attacks import (
     ATTACKS,
     PGD_STEPS,
-    STOCHASTIC_VOTES,
     AttackContext,
     AttackOutcome,
-    clean_correct,
+    attack_mode,
+    clean_score,
+    expected_correct,
     model_device,
     run_attack,
+    seeded,
 )
 from study.checks import check_invariants, check_stochastic, probe_stochastic, run_checks, trusted
 from study.config import AttackConfig, EvalConfig
@@ -54,7 +62,7 @@ from study.records import failed_gates
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "eps_curve", "evaluate", "worst_case"]
+__all__ = ["EvalResult", "eps_curve", "evaluate", "scoring_label", "worst_case"]
 
 
 @dataclass
@@ -65,14 +73,16 @@ class EvalResult:
         clean_accuracy: Accuracy on the unperturbed samples (deployed configuration).
         robust_accuracy: Per-sample worst case over the suite (deployed configuration).
         attacks: Per attack: name, accuracy, settings, seconds, invariant_violations, added.
-        eps_curve: (eps, PGD accuracy) pairs, eps = 0 first.
+        eps_curve: (eps, PGD accuracy) pairs, eps = 0 (a zero-budget attack) first; empty when
+            ``eval.eps_curve`` is.
         flags: Integrity flags as dicts (id, name, passed, gate, values, message).
         trusted: The checks ran and every gate passed.
         stochastic: The deployed model's forward pass is random.
         protocol: KAP protocol (models with activation noise only): ``deployed`` ("no_noise" |
             "noise_eot"), ``no_noise`` and ``noise_eot`` robust accuracies, their clean
             accuracies (``*_clean``), attack names (``*_attacks``), and the other
-            configuration's per-attack records (``other_attacks``).
+            configuration's per-attack records (``other_attacks``). Any stochastic model:
+            ``scoring`` (what the accuracies measure) and ``passes``.
         seconds: Wall time of the whole evaluation.
         n_samples: Samples attacked.
         notes: What the harness added or decided on its own (one line each).
@@ -126,7 +136,12 @@ def eps_curve(
     restarts: int = 1,
     done: Sequence[AttackOutcome] = (),
 ) -> tuple[list[tuple[float, float]], list[AttackOutcome]]:
-    """Accuracy vs eps with PGD L-inf (step eps/4, same seed at every eps); eps = 0 is clean.
+    """Accuracy vs eps with PGD L-inf (step eps/4, same seed at every eps).
+
+    The eps = 0 point is the same PGD with a zero budget, run and scored like every other point
+    (not the clean pass again): it equals the clean accuracy unless attacking itself changes the
+    score (a stateful model, a harness that evaluates attacked inputs differently), which R1
+    reports. No epsilons: no curve.
 
     ``done``: outcomes already computed on the same (x, y) in the same context (the suite's). A
     point whose PGD settings equal one of them reuses it instead of running it again: attacks are
@@ -137,10 +152,12 @@ def eps_curve(
         The (eps, accuracy) points sorted by eps with 0 first, and the PGD outcomes this call ran
         (for R18; reused ones were counted with the suite).
     """
-    points = [(0.0, float(clean_correct(model, x, y, ctx).float().mean()))]
+    points: list[tuple[float, float]] = []
     outcomes = []
-    for eps in sorted({float(e) for e in epsilons if e > 0}):
-        attack = AttackConfig(name="pgd", eps=eps, steps=steps, restarts=restarts)
+    wanted = sorted({float(e) for e in epsilons if e > 0})
+    for eps in [0.0, *wanted] if wanted else []:
+        # model_construct: a zero budget is no valid user setting, but it is this point's meaning.
+        attack = AttackConfig.model_construct(name="pgd", eps=eps, steps=steps, restarts=restarts)
         settings = ATTACKS["pgd"].settings(attack, ctx)
         outcome = next((o for o in done if o.name == "pgd" and o.settings == settings), None)
         if outcome is None:
@@ -199,17 +216,20 @@ class _Arm:
     max_abs_diff: float
     ctx: AttackContext
     clean_mask: Tensor
+    clean_scores: Tensor
 
 
 def _suite(
-    attacks: Sequence[AttackConfig], *, cas: bool, stochastic: bool, notes: list[str]
+    attacks: Sequence[AttackConfig], *, cas: bool, stochastic: bool, notes: list[str], add_eot: bool = True
 ) -> list[tuple[AttackConfig, str | None]]:
     """The configured attacks plus the honest-by-default additions, each with why it was added."""
     suite: list[tuple[AttackConfig, str | None]] = [(a, None) for a in attacks]
     names = {a.name for a in attacks}
     if cas and "cas_adaptive" not in names:
         suite.append((AttackConfig(name="cas_adaptive"), "model has CAS modules: adaptive joint-loss attack"))
-    if stochastic and not any(ATTACKS[a.name].eot for a in attacks):
+    if stochastic and not add_eot and not any(ATTACKS[a.name].eot for a in attacks):
+        notes.append("stochastic model attacked without EOT (eval.add_eot: false): R12 fails")
+    elif stochastic and not any(ATTACKS[a.name].eot for a in attacks):
         # Inherit the budget of the attack it stands next to (a cheap search suite stays cheap).
         name, like = ("autoattack_rand", "autoattack") if "autoattack" in names else ("eot_pgd", "pgd")
         steps = next((a.steps for a in attacks if a.name == like), None)
@@ -229,38 +249,82 @@ def _run_arm(
     stochastic: bool,
     max_abs_diff: float,
 ) -> _Arm:
-    clean_mask = clean_correct(model, x, y, ctx)
+    clean = clean_score(model, x, y, ctx)
+    resample = ctx.passes > 1
     outcomes, records = [], []
     for attack, why in suite:
-        outcome = run_attack(model, x, y, attack, ctx, keep_adv=False)
+        outcome = run_attack(model, x, y, attack, ctx, keep_adv=resample)
         outcomes.append(outcome)
         record = outcome.as_dict()
         record["added"] = why
         records.append(record)
-    robust = worst_case([clean_mask] + [o.correct for o in outcomes])
+    if resample:
+        robust = _expected_worst_case(model, x, y, clean, outcomes, ctx)
+    else:
+        robust = worst_case([clean > 0.5] + [o.correct for o in outcomes]).float()
+    for o in outcomes:
+        o.x_adv = None  # only the worst case needed the points
     return _Arm(
-        clean=float(clean_mask.float().mean()),
-        robust=float(robust.float().mean()),
+        clean=float(clean.mean()),
+        robust=float(robust.mean()),
         outcomes=outcomes,
         records=records,
         stochastic=stochastic,
         max_abs_diff=max_abs_diff,
         ctx=ctx,
-        clean_mask=clean_mask,
+        clean_mask=clean > 0.5,
+        clean_scores=clean,
     )
+
+
+def _expected_worst_case(
+    model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, outcomes: Sequence[AttackOutcome], ctx: AttackContext
+) -> Tensor:
+    """Per sample, the expected correctness at the suite's worst point for it, on fresh passes.
+
+    The attacker picks, per sample, the point (clean or one attack's) with the lowest score; taking
+    the minimum of the scores themselves would bias the number down (a minimum of noisy
+    estimates), so the picked points are scored once more with passes no choice has seen.
+    """
+    scores = torch.stack([clean] + [o.scores for o in outcomes])  # (1 + attacks, N)
+    pick = scores.argmin(dim=0)
+    points = x.detach().cpu().clone()
+    for k, o in enumerate(outcomes, start=1):
+        chosen = pick == k
+        if o.x_adv is not None and bool(chosen.any()):
+            points[chosen] = o.x_adv[chosen].to(points.dtype)
+    device = model_device(model, x.device)
+    out = []
+    # A seed of its own: these passes must be independent of the ones that chose the points.
+    with attack_mode(model), seeded(ctx.seed + 1, device):
+        for lo in range(0, x.shape[0], ctx.batch_size):
+            xb, yb = points[lo : lo + ctx.batch_size].to(device), y[lo : lo + ctx.batch_size].to(device)
+            out.append(expected_correct(model, xb, yb, ctx.passes, ctx.votes).cpu())
+    return torch.cat(out)
 
 
 def _context(cfg: EvalConfig, num_classes: int, seed: int, stochastic: bool, defense_params: dict[str, Any]
              ) -> AttackContext:
+    smoothed = stochastic and cfg.randomized == "smoothed"
     return AttackContext(
         eps=cfg.eps,
         eps_l2=cfg.eps_l2,
         num_classes=num_classes,
         seed=seed,
         batch_size=cfg.batch_size,
-        votes=STOCHASTIC_VOTES if stochastic else 1,
+        votes=cfg.passes if smoothed else 1,
+        passes=cfg.passes if stochastic and not smoothed else 1,
         defense_params=dict(defense_params),
     )
+
+
+def scoring_label(cfg: EvalConfig, stochastic: bool) -> str:
+    """What a stochastic model's accuracies measure, for outputs and notes."""
+    if not stochastic:
+        return "deterministic"
+    if cfg.randomized == "smoothed":
+        return f"smoothed classifier (majority of the mean softmax over {cfg.passes} passes), not the deployed model"
+    return f"deployed single-pass classifier: expected accuracy over {cfg.passes} passes"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -336,11 +400,17 @@ def evaluate(
             f"{arm}_attacks": [r["name"] for r in main_arm.records],
             f"{other}_attacks": [r["name"] for r in side.records],
             "other_attacks": side.records,
-            "votes": STOCHASTIC_VOTES,
             "sigma": [float(m.sigma) for m in noise],
         }
 
     main_arm = deployed["arm"]
+    if main_arm.stochastic or protocol:
+        # Either arm may be random (KAP's noise_eot arm always is): say what its numbers measure.
+        protocol["scoring"] = scoring_label(cfg, True)
+        protocol["passes"] = cfg.passes
+    if main_arm.stochastic:
+        notes.append(f"stochastic model scored as the {scoring_label(cfg, True)}")
+
     result = EvalResult(
         clean_accuracy=main_arm.clean,
         robust_accuracy=main_arm.robust,
@@ -378,7 +448,7 @@ def _evaluate_deployed(
     stochastic, max_diff = probe_stochastic(model, x)
     stochastic = stochastic or force_stochastic
     ctx = _context(cfg, num_classes, seed, stochastic, defense_params)
-    suite = _suite(cfg.attacks, cas=cas, stochastic=stochastic, notes=notes)
+    suite = _suite(cfg.attacks, cas=cas, stochastic=stochastic, notes=notes, add_eot=cfg.add_eot)
     arm = _run_arm(model, x, y, suite, ctx, stochastic, max_diff)
 
     pgd = next((a for a in cfg.attacks if a.name == "pgd"), None)

@@ -185,7 +185,7 @@ class StudySpec(_Strict):
     search_eval: EvalConfig = Field(default_factory=EvalConfig)
     """Cheap attacks that score every trial."""
     final_eval: EvalConfig = Field(
-        default_factory=lambda: EvalConfig(attacks=[{"name": "autoattack"}], eps_curve=[])  # type: ignore[list-item]
+        default_factory=lambda: EvalConfig(attacks=[{"name": "autoattack"}])  # type: ignore[list-item]
     )
     """Strong attacks that re-evaluate the front after the search (search cheap, verify strong)."""
     verify: bool = True

@@ -185,14 +185,14 @@ def test_eps_curve_reuses_the_suites_pgd_and_gets_the_same_numbers(data, mlp, mo
     real = attacks_module.run_attack
     monkeypatch.setattr("study.evaluate.run_attack", lambda *a, **k: calls.append(a[3].eps) or real(*a, **k))
     reused, reused_outcomes = eps_curve(mlp, x, y, [0.1, 0.2], ctx, steps=5, done=[suite_pgd])
-    assert calls == [0.1]  # the 0.2 point is the suite's PGD: not run again
+    assert calls == [0.0, 0.1]  # the 0.2 point is the suite's PGD: not run again
     assert reused == fresh  # and rerunning it would have given the same numbers
     assert reused[2] == (0.2, suite_pgd.accuracy)
-    assert len(fresh_outcomes) == 2 and len(reused_outcomes) == 1  # R18 counts each attack once
+    assert len(fresh_outcomes) == 3 and len(reused_outcomes) == 2  # R18 counts each attack once
     # Different settings (steps) are not the same attack: run.
     calls.clear()
     eps_curve(mlp, x, y, [0.2], ctx, steps=7, done=[suite_pgd])
-    assert calls == [0.2]
+    assert calls == [0.0, 0.2]
 
 
 # --------------------------------------------------------------------------- stochastic models
@@ -210,7 +210,7 @@ class NoisyLogits(nn.Module):
         return out + self.sigma * torch.randn_like(out)
 
 
-def test_stochastic_model_gets_eot_and_votes(data, mlp):
+def test_stochastic_model_gets_eot_and_expected_scoring(data, mlp):
     _, _, xte, yte = data
     model = NoisyLogits(mlp, sigma=1.0)
     # checks=False still records the cheap flags R12 and R18
@@ -222,7 +222,10 @@ def test_stochastic_model_gets_eot_and_votes(data, mlp):
     added = result.attacks[1]
     assert added["added"] and "R12" in added["added"] and added["settings"]["eot_samples"] == 20
     assert added["settings"]["steps"] == 5  # inherits the suite's PGD budget
-    assert all(a["settings"]["votes"] == 10 for a in result.attacks)
+    # scored as deployed: one pass per prediction, expected accuracy over 10 passes
+    assert all(a["settings"]["votes"] == 1 and a["settings"]["passes"] == 10 for a in result.attacks)
+    assert "expected accuracy over 10 passes" in result.attacks[0]["settings"]["scoring"]
+    assert "single-pass" in result.protocol["scoring"] and result.protocol["passes"] == 10
     r12 = next(f for f in result.flags if f["id"] == "R12")
     assert r12["passed"] and r12["values"]["stochastic"] and r12["values"]["eot_attacks"] == ["eot_pgd"]
     assert any("eot_pgd" in n for n in result.notes)
@@ -272,7 +275,7 @@ def test_kap_protocol_reports_both_numbers(data, noise_at_eval):
         assert p["no_noise_attacks"] == ["pgd"] and p["noise_eot_attacks"] == ["pgd", "eot_pgd"]
     else:  # the side arm runs only the EOT attack on the noisy model
         assert p["no_noise_attacks"] == ["pgd", "eot_pgd"] and p["noise_eot_attacks"] == ["eot_pgd"]
-        assert p["other_attacks"][0]["settings"]["votes"] == 10
+        assert p["other_attacks"][0]["settings"]["passes"] == 10
     assert result.stochastic == noise_at_eval
     assert [(m.sigma, m.at_eval) for m in noise] == before  # the model's noise settings restored
     json.dumps(result.to_dict())

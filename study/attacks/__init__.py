@@ -13,10 +13,13 @@ every attack. Random restarts and the stages of an ensemble (AutoAttack) are cha
 a later restart/stage attacks only the samples every earlier one failed on, which is the
 per-sample worst case (torchattacks' ``MultiAttack`` semantics, with our own correctness test).
 
-Stochastic models (KAP noise at test time): a single forward pass is a coin flip, so whether a
-sample is "correct" is decided on the mean softmax over ``AttackContext.votes`` forward passes
-(Athalye et al., "Obfuscated gradients give a false sense of security": evaluate randomised
-defenses in expectation). Deterministic models use one pass.
+Stochastic models (KAP noise at test time) are scored as deployed: one forward pass decides a
+prediction, and a sample's score is the share of ``AttackContext.passes`` independent passes that
+get it right, so accuracy is the expected accuracy of the single-pass classifier (Athalye et al.,
+"Obfuscated gradients give a false sense of security": evaluate randomised defenses in
+expectation). Every sample some pass gets right is attacked; the point an attack keeps is scored
+again with fresh passes. ``AttackContext.votes`` > 1 scores the smoothed classifier instead (mean
+softmax over the votes). Deterministic models use one pass.
 
 Faithful settings (Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble
 of diverse parameter-free attacks"): AutoAttack runs APGD-CE, APGD-T (9 target classes), FAB-T
@@ -41,11 +44,13 @@ from study.attacks.context import (
     AttackContext,
     AttackOutcome,
 )
-from study.attacks.losses import BoxDeepFool, CASAdaptivePGD, CWLinfPGD, LossPGD, cw_margin_loss
+from study.attacks.losses import BoxDeepFool, CASAdaptivePGD, CWLinfPGD, EveryAPGD, LossPGD, cw_margin_loss
 from study.attacks.run import (
     attack_mode,
     clean_correct,
+    clean_score,
     enforce_threat_model,
+    expected_correct,
     model_device,
     predict,
     run_attack,
@@ -69,6 +74,7 @@ __all__ = [
     "BoxDeepFool",
     "CASAdaptivePGD",
     "CWLinfPGD",
+    "EveryAPGD",
     "LossPGD",
     "Stage",
     "PGD_STEPS",
@@ -76,7 +82,9 @@ __all__ = [
     "STOCHASTIC_VOTES",
     "attack_mode",
     "clean_correct",
+    "clean_score",
     "enforce_threat_model",
+    "expected_correct",
     "model_device",
     "predict",
     "run_attack",

@@ -8,7 +8,9 @@ from typing import Any
 from torch import Tensor
 
 STOCHASTIC_VOTES = 10
-"""Forward passes whose mean softmax decides a stochastic model's prediction."""
+"""Forward passes per estimate on a stochastic model: the passes whose share of correct
+predictions is its expected accuracy (default), or whose mean softmax decides the smoothed
+classifier (``eval.randomized: smoothed``)."""
 
 LINF_TOL = 1e-6
 """Slack on ``||x_adv - x||_inf <= eps`` (float rounding of ``x + delta``), docs/evaluation.md."""
@@ -28,6 +30,13 @@ CW_KAPPA = 50.0
 DEEPFOOL_STEPS = 50
 DEEPFOOL_OVERSHOOT = 0.02
 SQUARE_P_INIT = 0.8
+"""Square's initial fraction of pixels changed per query (AutoAttack's value for L-inf)."""
+SQUARE_RAW = "piecewise on the query count"
+"""AutoAttack's Square (5000 queries): p_init halves at queries 10, 50, 200, 500, 1000, 2000,
+4000, 6000, 8000 (Andriushchenko et al.'s schedule, ``resc_schedule=False`` in the reference)."""
+SQUARE_RESCALED = "piecewise on the query count rescaled to 10000"
+"""A standalone Square: the same schedule on ``query / n_queries * 10000`` (the Square paper's
+code), so a small budget still reaches the small squares."""
 
 
 # --------------------------------------------------------------------------- context / outcome
@@ -43,7 +52,11 @@ class AttackContext:
         num_classes: Number of classes (targets of APGD-T / FAB-T).
         seed: Seeds every random start, restart and Square proposal.
         batch_size: Samples attacked at once.
-        votes: Forward passes whose mean softmax decides a prediction (1 = deterministic model).
+        votes: Forward passes whose mean softmax decides a prediction: > 1 scores the smoothed
+            (majority-vote) classifier, not the deployed one.
+        passes: Independent forward passes per score: a sample's score is the share of passes
+            that classify it correctly, so accuracy is the expected accuracy of the single-pass
+            (deployed) classifier. 1 for deterministic models.
         defense_params: The model's defense parameters (CAS ``beta`` for ``cas_adaptive``).
     """
 
@@ -53,6 +66,7 @@ class AttackContext:
     seed: int = 0
     batch_size: int = 256
     votes: int = 1
+    passes: int = 1
     defense_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +80,8 @@ class AttackContext:
             raise ValueError(f"batch_size={self.batch_size!r} must be an int >= 1")
         if not isinstance(self.votes, int) or self.votes < 1:
             raise ValueError(f"votes={self.votes!r} must be an int >= 1")
+        if not isinstance(self.passes, int) or self.passes < 1:
+            raise ValueError(f"passes={self.passes!r} must be an int >= 1")
 
 
 @dataclass
@@ -75,7 +91,8 @@ class AttackOutcome:
     Attributes:
         name: Attack name (table key).
         correct: Bool tensor (N,) on the CPU: the model is still right on the sample after the
-            attack (always False where it was wrong clean).
+            attack (always False where it was wrong clean); on a stochastic model scored over
+            several passes, right in most of them (``score > 0.5``).
         x_adv: The evaluated adversarial inputs (N, C, H, W), projected into the threat model,
             or None when not kept.
         settings: Every concrete setting used (name, norm, eps, steps, step_size, restarts,
@@ -90,6 +107,9 @@ class AttackOutcome:
         white_box: The attack uses gradients (copied from its spec, for the checks).
         black_box: The attack has a gradient-free stage (R8 compares it with the white-box ones).
         eot: The attack averages over the model's randomness (R12).
+        score: Float tensor (N,) on the CPU: share of ``passes`` forward passes that classify the
+            sample's final point correctly (scored afresh, not the passes that chose the point);
+            None when one pass decides (then ``correct`` is the score).
     """
 
     name: str
@@ -104,11 +124,17 @@ class AttackOutcome:
     white_box: bool = True
     black_box: bool = False
     eot: bool = False
+    score: Tensor | None = None
+
+    @property
+    def scores(self) -> Tensor:
+        """Per-sample expected correctness in [0, 1] (float, CPU)."""
+        return self.score if self.score is not None else self.correct.float()
 
     @property
     def accuracy(self) -> float:
-        """Fraction of samples still correctly classified."""
-        return float(self.correct.float().mean()) if self.correct.numel() else 0.0
+        """Fraction of samples still correctly classified (expected over passes when scored so)."""
+        return float(self.scores.mean()) if self.correct.numel() else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """The record kept in the trial result (no tensors)."""

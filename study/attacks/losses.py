@@ -207,3 +207,20 @@ class BoxDeepFool(torchattacks.DeepFool):
             r_tot[rows] += step.view(-1, *[1] * (x0.dim() - 1)) * w_best
             x[rows] = (x0[rows] + (1 + self.overshoot) * r_tot[rows]).clamp(0, 1)
         return x.detach()
+
+
+class EveryAPGD(torchattacks.APGD):
+    """APGD (Croce & Hein) that attacks every sample it is given and returns its highest-loss point.
+
+    torchattacks' ``APGD.forward`` (like the reference's cheap mode) first drops the samples one
+    forward pass misclassifies and keeps a point only where one pass misclassified it. On a
+    stochastic model one pass is a coin flip: samples the classifier usually gets right would go
+    unattacked. This runs the reference's ``best_loss`` mode instead: every sample, each restart,
+    the iterate with the highest (EOT-averaged gradient) loss kept. The caller scores the point.
+    """
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:  # noqa: D102 - torchattacks API
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        _, adv = self.perturb(images, labels, best_loss=True)
+        return adv

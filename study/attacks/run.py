@@ -66,6 +66,20 @@ def predict(model: nn.Module, x: Tensor, votes: int = 1) -> Tensor:
     return probs.argmax(dim=1)
 
 
+@torch.no_grad()
+def expected_correct(model: nn.Module, x: Tensor, y: Tensor, passes: int = 1, votes: int = 1) -> Tensor:
+    """Per sample, the share of ``passes`` independent predictions (each decided by ``votes``
+    passes) that are correct: the expected correctness of the classifier (float, on x's device).
+
+    Shape:
+        x (N, C, H, W), y (N,) -> (N,) float
+    """
+    hits = torch.zeros(x.shape[0], device=x.device)
+    for _ in range(passes):
+        hits += (predict(model, x, votes) == y).float()
+    return hits / passes
+
+
 def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     """The device of the model's first parameter or buffer (``fallback`` when it has none)."""
     for tensor in list(model.parameters()) + list(model.buffers()):
@@ -73,15 +87,22 @@ def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
-def clean_correct(model: nn.Module, x: Tensor, y: Tensor, ctx: AttackContext) -> Tensor:
-    """Per-sample clean correctness (mean softmax over ``ctx.votes`` passes), seeded; on the CPU."""
+def clean_score(model: nn.Module, x: Tensor, y: Tensor, ctx: AttackContext) -> Tensor:
+    """Per-sample clean expected correctness over ``ctx.passes`` passes (each a prediction by
+    ``ctx.votes``), seeded; float on the CPU. 0/1 for a deterministic model."""
     device = model_device(model, x.device)
     out = []
     with attack_mode(model), seeded(ctx.seed, device):
         for lo in range(0, x.shape[0], ctx.batch_size):
             xb, yb = x[lo : lo + ctx.batch_size].to(device), y[lo : lo + ctx.batch_size].to(device)
-            out.append((predict(model, xb, ctx.votes) == yb).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+            out.append(expected_correct(model, xb, yb, ctx.passes, ctx.votes).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def clean_correct(model: nn.Module, x: Tensor, y: Tensor, ctx: AttackContext) -> Tensor:
+    """Per-sample clean correctness, bool on the CPU: :func:`clean_score` > 0.5 (right in most
+    passes; exactly the prediction's correctness when one pass decides)."""
+    return clean_score(model, x, y, ctx) > 0.5
 
 
 def enforce_threat_model(
@@ -153,9 +174,12 @@ def run_attack(
     start = time.perf_counter()
     device = model_device(model, x.device)
     settings: dict[str, Any] = {}
-    correct_all, adv_all, wb_all = [], [], []
+    correct_all: list[Tensor] = []
+    adv_all: list[Tensor] = []
+    wb_all: list[Tensor] = []
+    score_all: list[Tensor] = []
     violations = 0
-    stage_correct: dict[str, int] = {}
+    stage_correct: dict[str, float] = {}
     raw_norms: list[Tensor] = []
     with attack_mode(model), seeded(ctx.seed, device):
         stages, settings = spec.make(model, attack, ctx)
@@ -164,12 +188,16 @@ def run_attack(
         for lo in range(0, x.shape[0], ctx.batch_size):
             xb = x[lo : lo + ctx.batch_size].to(device)
             yb = y[lo : lo + ctx.batch_size].to(device)
-            correct = predict(model, xb, ctx.votes) == yb
+            # The attacker's running estimate per sample; a deterministic model gives 0/1 and this
+            # is "attack the samples still correct, keep the first point that breaks them".
+            best = expected_correct(model, xb, yb, ctx.passes, ctx.votes)
             adv = xb.clone()
-            wb_correct = correct.clone()
+            wb_best = best.clone()
             for stage in stages:
                 for _ in range(restarts):
-                    idx = correct.nonzero().flatten()
+                    # Every sample some pass still gets right is attacked (a stochastic model's
+                    # expected accuracy counts it), not only those one noisy pass gets right.
+                    idx = (best > 0).nonzero().flatten()
                     if idx.numel() == 0:
                         break
                     raw = stage.attack(xb[idx], yb[idx])
@@ -177,14 +205,19 @@ def run_attack(
                     violations += int(bad.sum())
                     if not spec.bounded:
                         raw_norms.append((raw.detach().to(xb.dtype) - xb[idx]).flatten(1).norm(dim=1).cpu())
-                    broken = predict(model, x_eval, ctx.votes) != yb[idx]
-                    adv[idx[broken]] = x_eval[broken]
-                    correct[idx[broken]] = False
-                stage_correct[stage.name] = stage_correct.get(stage.name, 0) + int(correct.sum())
+                    found = expected_correct(model, x_eval, yb[idx], ctx.passes, ctx.votes)
+                    better = found < best[idx]
+                    adv[idx[better]] = x_eval[better]
+                    best[idx[better]] = found[better]
+                stage_correct[stage.name] = stage_correct.get(stage.name, 0) + float(best.sum())
                 if stage.white_box:
-                    wb_correct = correct.clone()
-            correct_all.append(correct.cpu())
-            wb_all.append(wb_correct.cpu())
+                    wb_best = best.clone()
+            if ctx.passes > 1:
+                # The passes that chose a point favour the attacker (a minimum over noisy
+                # estimates): the reported score comes from fresh passes at the chosen points.
+                score_all.append(expected_correct(model, adv, yb, ctx.passes, ctx.votes).cpu())
+            correct_all.append((best > 0.5).cpu() if ctx.passes == 1 else (score_all[-1] > 0.5))
+            wb_all.append((wb_best > 0.5).cpu())
             if keep_adv:
                 adv_all.append(adv.detach().cpu())
     correct = torch.cat(correct_all) if correct_all else torch.zeros(0, dtype=torch.bool)
@@ -201,6 +234,7 @@ def run_attack(
         white_box=spec.white_box,
         black_box=spec.black_box,
         eot=spec.eot,
+        score=torch.cat(score_all) if score_all else None,
     )
     if raw_norms:
         norms = torch.cat(raw_norms)

@@ -21,9 +21,11 @@ from study.attacks.context import (
     DEEPFOOL_STEPS,
     PGD_STEPS,
     SQUARE_P_INIT,
+    SQUARE_RAW,
+    SQUARE_RESCALED,
     AttackContext,
 )
-from study.attacks.losses import BoxDeepFool, CASAdaptivePGD, CWLinfPGD, LossPGD
+from study.attacks.losses import BoxDeepFool, CASAdaptivePGD, CWLinfPGD, EveryAPGD, LossPGD
 from study.config import AttackConfig
 
 # --------------------------------------------------------------------------- the table
@@ -99,9 +101,19 @@ def _settings(name: str, norm: str, cfg: AttackConfig, ctx: AttackContext, **val
         "loss": None,
         "seed": int(ctx.seed),
         "votes": int(ctx.votes),
+        "passes": int(ctx.passes),
+        "scoring": _scoring(ctx),
     }
     base.update(values)
     return base
+
+
+def _scoring(ctx: AttackContext) -> str:
+    if ctx.votes > 1:
+        return f"smoothed classifier (mean softmax of {ctx.votes} passes)"
+    if ctx.passes > 1:
+        return f"single-pass classifier, expected accuracy over {ctx.passes} passes"
+    return "single pass"
 
 
 def _pgd_like(cfg: AttackConfig, ctx: AttackContext, name: str, norm: str, loss: str, **extra: Any) -> dict[str, Any]:
@@ -128,7 +140,7 @@ def _resolve_fgsm(cfg: AttackConfig, ctx: AttackContext) -> dict[str, Any]:
 def _resolve_square(cfg: AttackConfig, ctx: AttackContext) -> dict[str, Any]:
     return _settings(
         "square", "Linf", cfg, ctx, queries=cfg.queries, restarts=cfg.restarts, p_init=SQUARE_P_INIT,
-        loss="margin", random_start=True,
+        p_schedule=SQUARE_RESCALED, loss="margin", random_start=True,
     )
 
 
@@ -146,7 +158,7 @@ def _resolve_autoattack(cfg: AttackConfig, ctx: AttackContext) -> dict[str, Any]
     return _settings(
         "autoattack", "Linf", cfg, ctx, version="standard", steps=cfg.steps or AA_STEPS,
         restarts=cfg.restarts, queries=cfg.queries, n_target_classes=targets, p_init=SQUARE_P_INIT,
-        components=["apgd-ce", "apgd-t", "fab-t", "square"], loss="ce, dlr-targeted, fab, margin",
+        p_schedule=SQUARE_RAW, components=["apgd-ce", "apgd-t", "fab-t", "square"], loss="ce, dlr-targeted, fab, margin",
         random_start=True,
     )
 
@@ -156,7 +168,7 @@ def _resolve_autoattack_rand(cfg: AttackConfig, ctx: AttackContext) -> dict[str,
     return _settings(
         "autoattack_rand", "Linf", cfg, ctx, version="rand", steps=cfg.steps or AA_STEPS,
         restarts=cfg.restarts, eot_samples=cfg.eot_samples, components=["apgd-ce", "apgd-dlr"],
-        loss="ce, dlr", random_start=True,
+        loss="ce, dlr", random_start=True, samples="all given; highest-loss point per restart (best_loss)",
     )
 
 
@@ -191,7 +203,7 @@ def _build_deepfool(model: nn.Module, s: dict[str, Any]) -> list[Stage]:
 def _build_square(model: nn.Module, s: dict[str, Any]) -> list[Stage]:
     atk = torchattacks.Square(
         model, norm="Linf", eps=s["eps"], n_queries=s["queries"], n_restarts=s["restarts"],
-        p_init=s["p_init"], loss="margin", resc_schedule=True, seed=s["seed"],
+        p_init=s["p_init"], loss="margin", resc_schedule=s["p_schedule"] == SQUARE_RESCALED, seed=s["seed"],
     )
     return [Stage("square", atk, white_box=False)]
 
@@ -204,7 +216,8 @@ def _build_autoattack(model: nn.Module, s: dict[str, Any]) -> list[Stage]:
     fab_t = torchattacks.FAB(model, norm="Linf", eps=eps, steps=steps, n_restarts=restarts, seed=seed,
                              multi_targeted=True, n_classes=targets + 1)
     square = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=s["queries"], n_restarts=restarts,
-                                 p_init=s["p_init"], loss="margin", seed=seed)
+                                 p_init=s["p_init"], loss="margin", seed=seed,
+                                 resc_schedule=s["p_schedule"] == SQUARE_RESCALED)
     # torchattacks derives the number of targets as n_classes - 1; passing targets + 1 caps it at 9
     # for datasets with more classes (CIFAR-100) exactly as the reference AutoAttack does.
     return [
@@ -219,8 +232,8 @@ def _build_autoattack_rand(model: nn.Module, s: dict[str, Any]) -> list[Stage]:
     common = dict(norm="Linf", eps=s["eps"], steps=s["steps"], n_restarts=s["restarts"], seed=s["seed"],
                   eot_iter=s["eot_samples"])
     return [
-        Stage("apgd-ce", torchattacks.APGD(model, loss="ce", **common)),
-        Stage("apgd-dlr", torchattacks.APGD(model, loss="dlr", **common)),
+        Stage("apgd-ce", EveryAPGD(model, loss="ce", **common)),
+        Stage("apgd-dlr", EveryAPGD(model, loss="dlr", **common)),
     ]
 
 
