@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from study.config import ConfigError, parse_trial_config
+from study.reproducibility import pinned
 from study.spec import StudySpec, trial_config_for
 
 EXPORT_KIND = "robust-study/front"
@@ -23,6 +24,9 @@ def export_document(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str,
     trials = []
     for record in records:
         config = trial_config_for(spec, record["params"], name=f"{spec.name}-trial-{record['number']}")
+        # What the trial's worker ran with (threads, determinism, library versions): a re-run
+        # applies the same settings and warns when its libraries differ.
+        config = pinned(config, record.get("reproducibility"))
         metrics = {k: record[k] for k in spec.objectives if record.get(k) is not None}
         if record.get("final"):
             metrics.update({f"final_{k}": record["final"][k] for k in ("clean_accuracy", "robust_accuracy")})

@@ -50,6 +50,8 @@ class TrialRecord(TypedDict, total=False):
     started_at: float | None
     ended_at: float | None
     report_seconds: float | None
+    reproducibility: dict[str, Any]
+    """Threads, determinism and environment the trial ran with (study.reproducibility; {} if unknown)."""
     clean_accuracy: float | None
     robust_accuracy: float | None
     train_seconds: float | None

@@ -111,6 +111,8 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
         "ended_at": time.time(),
         "report_seconds": report_seconds,
         "flags_json": json.dumps(result.flags, default=float),
+        # Threads, determinism and library versions in force in this worker: the export's record.
+        "reproducibility_json": json.dumps(result.reproducibility),
         **{f"robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
         # The last epoch's numbers again: an early-stopping scheduler checks that every result
         # carries its metric (Ray's strict check), the final one included.
@@ -430,6 +432,7 @@ def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
             "started_at": metrics.get("started_at") if final else None,
             "ended_at": metrics.get("ended_at") if final else None,
             "report_seconds": metrics.get("report_seconds") if final else None,
+            "reproducibility": json.loads(metrics.get("reproducibility_json") or "{}") if final else {},
         }
         for objective in ("clean_accuracy", "robust_accuracy", "train_seconds", "eval_seconds", "num_parameters"):
             record[objective] = float(metrics.get(objective, 0.0)) if final else None  # type: ignore[literal-required]

@@ -22,6 +22,7 @@ from study.config import ConfigError, TrialConfig, dump_trial_config, load_trial
 from study.data import DataBundle, eval_tensors, load_data
 from study.evaluate import evaluate
 from study.records import failed_gates
+from study.reproducibility import pinned, reproducible
 from study.train import EpochReport, fit
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class TrialResult:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     wall_time: float = 0.0
+    reproducibility: dict[str, Any] = field(default_factory=dict)
+    """The threads, determinism and environment the trial ran with (study.reproducibility)."""
     model_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """Trained weights (CPU tensors); not part of ``to_dict``."""
 
@@ -105,6 +108,7 @@ def runtime_defense_params(config: TrialConfig) -> dict[str, Any]:
     return params
 
 
+@reproducible  # the config's threads, determinism and seeds hold while it runs
 def run_trial(
     config: TrialConfig,
     *,
@@ -195,7 +199,8 @@ def save_trial(config: TrialConfig, result: TrialResult, out_dir: str | Path) ->
     """Write ``result.json``, a complete re-runnable ``config.yaml`` and ``model.pt``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_trial_config(config))
+    # With the thread count and environment the run used: re-running this file reproduces it.
+    (out / "config.yaml").write_text(dump_trial_config(pinned(config, result.reproducibility)))
     (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=float))
     if result.model_state is not None:
         # Plain tensors only: loadable with weights_only=True, never a pickle of code.
