@@ -45,7 +45,8 @@ def current_environment(device_type: str) -> dict[str, str]:
 
     # The kernels torch picks depend on the CPU's vector instructions and on the GPU model.
     if device_type == "cuda":
-        device = f"cuda {torch.cuda.get_device_name()}"
+        # Without CUDA the trial itself refuses the device, with one line; no traceback from here.
+        device = f"cuda {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cuda (none found)"
     else:
         device = f"{device_type} {torch.backends.cpu.get_cpu_capability()}"
     env = {"device": device, "torch": torch.__version__}  # with its build tag (+cpu, +cu130)
@@ -85,8 +86,9 @@ def applied(
     import numpy as np
     import torch
 
+    environment = current_environment(device_type)
     if settings.environment:
-        warn_if_environment_differs(name, settings.environment, current_environment(device_type))
+        warn_if_environment_differs(name, settings.environment, environment)
     before = (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),
@@ -112,7 +114,7 @@ def applied(
         yield {
             "threads": threads,
             "deterministic": settings.deterministic,
-            "environment": current_environment(device_type),
+            "environment": environment,
         }
     finally:
         torch.set_num_threads(before[0])

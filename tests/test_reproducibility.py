@@ -205,3 +205,11 @@ def test_an_exported_trial_rerun_from_the_command_line_reproduces_the_study(tmp_
     assert warned.returncode == 0, warned.stderr[-2000:]
     lines = [line for line in warned.stderr.splitlines() if "recorded with" in line]
     assert len(lines) == 1 and "numpy 0.0.1 (here " in lines[0], warned.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_still_one_config_error(ambient_threads: int) -> None:
+    config = parse_trial_config({"device": "cuda", "reproducibility": {"threads": 1}})
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        run_trial(config)
+    assert torch.get_num_threads() == ambient_threads  # restored on the way out
