@@ -229,6 +229,31 @@ def default_eps_curve(eps: float) -> list[float]:
     return sorted({round(eps / 2, 6), eps, min(round(2 * eps, 6), 1.0)})
 
 
+ENVIRONMENT_KEYS = ("device", "torch", "torchvision", "torchattacks", "numpy")
+
+
+class ReproducibilityConfig(_Strict):
+    """What decides the numbers besides the fields above; applied while the trial runs
+    (docs/reproducibility.md)."""
+
+    threads: int | None = Field(None, ge=1, le=4096)
+    """torch intra-op threads (the count changes the rounding, hence the weights); None = torch's
+    default here. A study sets one per reserved CPU; a saved config records the count used."""
+    deterministic: bool = True
+    """torch.use_deterministic_algorithms (warn-only) and cuDNN deterministic, benchmark off."""
+    environment: dict[str, str] = Field(default_factory=dict)
+    """Device (CPU instruction set or GPU model) and library versions the numbers came from
+    (filled in by a run); a re-run elsewhere warns."""
+
+    @field_validator("environment")
+    @classmethod
+    def _known_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(ENVIRONMENT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(ENVIRONMENT_KEYS)}")
+        return value
+
+
 class TrialConfig(_Strict):
     """Everything one trial needs; a trial is a pure function of this."""
 
@@ -244,6 +269,7 @@ class TrialConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig)
 
     @field_validator("plugins")
     @classmethod

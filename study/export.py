@@ -16,6 +16,7 @@ import yaml
 
 from study.config import ConfigError, parse_trial_config
 from study.records import FINAL_SPLIT, SEARCH_SPLIT, SPLIT_METRICS, labelled, stage_values
+from study.reproducibility import pinned
 from study.spec import StudySpec, trial_config_for
 
 EXPORT_KIND = "robust-study/front"
@@ -35,6 +36,9 @@ def export_document(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str,
     trials = []
     for record in records:
         config = trial_config_for(spec, record["params"], name=f"{spec.name}-trial-{record['number']}")
+        # What the trial's worker ran with (threads, determinism, library versions): a re-run
+        # applies the same settings and warns when its libraries differ.
+        config = pinned(config, record.get("reproducibility"))
         search = stage_values(record, spec.objectives, "search")
         metrics = {labelled(k, SEARCH_SPLIT): v for k, v in zip(spec.objectives, search, strict=True) if v is not None}
         final = record.get("final")

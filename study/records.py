@@ -101,6 +101,8 @@ class TrialRecord(TypedDict, total=False):
     val_robust_accuracy: float | None
     split_sizes: dict[str, int] | None
     """Samples in train, val and test, and how many of the val split the search attacked."""
+    reproducibility: dict[str, Any]
+    """Threads, determinism and environment the trial ran with (study.reproducibility; {} if unknown)."""
     train_seconds: float | None
     eval_seconds: float | None
     num_parameters: float | None

@@ -116,6 +116,8 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
         "flags_json": json.dumps(result.flags, default=float),
         **{f"{split}_robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
         **{k: float(v) for k, v in result.reached.items()},  # e.g. kwta_gamma_reached
+        # Threads, determinism and library versions in force in this worker: the export's record.
+        "reproducibility_json": json.dumps(result.reproducibility),
         # The last epoch's numbers again: an early-stopping scheduler checks that every result
         # carries its metric (Ray's strict check), the final one included.
         **last_epoch,
@@ -426,6 +428,7 @@ def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
             "started_at": metrics.get("started_at") if final else None,
             "ended_at": metrics.get("ended_at") if final else None,
             "report_seconds": metrics.get("report_seconds") if final else None,
+            "reproducibility": json.loads(metrics.get("reproducibility_json") or "{}") if final else {},
         }
         for objective in ("val_clean_accuracy", "val_robust_accuracy", "train_seconds", "eval_seconds",
                           "num_parameters"):

@@ -29,6 +29,7 @@ from study.config import (
     read_yaml,
     show,
 )
+from study.reproducibility import threads_for_cpus
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVE_DIRECTIONS = {
@@ -479,6 +480,9 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
         "model": {**spec.model.model_dump(), "defense": defense, "defense_params": defense_params},
         "training": training.model_dump(),
         "eval": spec.search_eval.model_dump(),
+        # The threads each trial of the study trains with (Ray's per-worker rule), recorded so
+        # that the trial applies them itself and an exported config re-runs with them too.
+        "reproducibility": {"threads": threads_for_cpus(spec.resources.cpu)},
     }
     try:
         return TrialConfig.model_validate(data)

@@ -22,6 +22,7 @@ from study.config import ConfigError, TrialConfig, dump_trial_config, load_trial
 from study.data import DataBundle, eval_tensors, load_data
 from study.evaluate import evaluate
 from study.records import FINAL_SPLIT, SEARCH_SPLIT, failed_gates
+from study.reproducibility import pinned, reproducible
 from study.train import EpochReport, fit
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class TrialResult:
     reached: dict[str, float] = field(default_factory=dict)
     """What the defense's training schedule left in the model, e.g. ``kwta_gamma_reached`` (the
     gamma it ended with, which a short budget or early stopping can leave above the target)."""
+    reproducibility: dict[str, Any] = field(default_factory=dict)
+    """The threads, determinism and environment the trial ran with (study.reproducibility)."""
     model_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """Trained weights (CPU tensors); not part of ``to_dict``."""
 
@@ -133,6 +136,7 @@ def search_split(bundle: DataBundle) -> tuple[str, Any]:
     return FINAL_SPLIT, bundle.test
 
 
+@reproducible  # the config's threads, determinism and seeds hold while it runs
 def run_trial(
     config: TrialConfig,
     *,
@@ -230,7 +234,8 @@ def save_trial(config: TrialConfig, result: TrialResult, out_dir: str | Path) ->
     """Write ``result.json``, a complete re-runnable ``config.yaml`` and ``model.pt``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_trial_config(config))
+    # With the thread count and environment the run used: re-running this file reproduces it.
+    (out / "config.yaml").write_text(dump_trial_config(pinned(config, result.reproducibility)))
     (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=float))
     if result.model_state is not None:
         # Plain tensors only: loadable with weights_only=True, never a pickle of code.

@@ -28,12 +28,17 @@ def reevaluate(
 
     ``trial_dir`` may be an object-store URI (a remote study's checkpoint): it is fetched first.
     """
+    from study.config import load_trial_config
+    from study.reproducibility import applied
     from study.storage import local_copy
 
     if split not in (FINAL_SPLIT, SEARCH_SPLIT):
         raise ValueError(f"split {split!r} must be {FINAL_SPLIT!r} or {SEARCH_SPLIT!r}")
     with local_copy(trial_dir) as directory:
-        return _reevaluate(directory, eval_data, device, split)
+        config = load_trial_config(f"{directory}/config.yaml")
+        # The trial's recorded threads and determinism: the attack's numbers repeat like the trial's.
+        with applied(config.reproducibility, device_type=device.split(":")[0], seed=config.seed, name=config.name):
+            return _reevaluate(directory, eval_data, device, split)
 
 
 def _reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str, split: str) -> dict[str, Any]:

@@ -70,13 +70,18 @@ def sample_params(spec: StudySpec, n: int, seed: int = 0) -> list[dict[str, Any]
 
 def _one_trial(spec_data: dict[str, Any], params: dict[str, Any], name: str) -> dict[str, Any]:
     """Run one configuration in this process (dataset cached per process by load_data)."""
+    import torch
+
     from study.data import load_data
     from study.spec import StudySpec
     from study.trial import run_trial
 
     spec = StudySpec.model_validate(spec_data)
     data = load_data(spec.data, seed=spec.seed)
-    result = run_trial(trial_config_for(spec, params, name=name), data=data)
+    config = trial_config_for(spec, params, name=name)
+    # The caller chose the threads (torch's default or 1); the trial must not reset them to the study's.
+    config.reproducibility.threads = torch.get_num_threads()
+    result = run_trial(config, data=data)
     return {"params": params, "clean_accuracy": result.clean_accuracy, "robust_accuracy": result.robust_accuracy,
             "seconds": result.train_seconds + result.eval_seconds}
 
