@@ -19,7 +19,7 @@ from study.cli_args import EXIT_BAD_INPUT, LazyChoices, Parser, VersionAction, c
 from study.errors import ConfigError
 
 if TYPE_CHECKING:
-    from study.records import TrialRecord
+    from study.results.records import TrialRecord
 
 log = logging.getLogger("robust-study")
 
@@ -73,7 +73,7 @@ def format_trial_result(result: Any) -> str:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from study.config import commented_default_yaml, parse_trial_config, read_yaml
-    from study.export import configs_from_export, is_export
+    from study.results.export import configs_from_export, is_export
 
     if args.print_default:
         sys.stdout.write(commented_default_yaml())
@@ -111,8 +111,8 @@ def _print_epoch(report: Any) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from study.config import AttackConfig, load_trial_config
+    from study.orchestration.verify import reevaluate
     from study.trial import load_model
-    from study.verify import reevaluate
 
     config = load_trial_config(f"{args.dir}/config.yaml")
     load_model(args.dir)  # weights that do not fit the config fail here, as one line
@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("study.bench.layers", "study.bench.overhead", "study.bench.search", "study.bench.evaluation", "study.bench.load"):
         logging.getLogger(name).setLevel(logging.INFO)
     if args.what != "defenses":
-        logging.getLogger("study.checks").setLevel(logging.ERROR)
+        logging.getLogger("study.evaluation.checks").setLevel(logging.ERROR)
     if args.what == "defenses":
         from study.bench.defenses import defense_rows
 
@@ -231,7 +231,7 @@ def study_exit_status(records: Sequence[TrialRecord]) -> tuple[int, str | None]:
 
 
 def _finish_study(args: argparse.Namespace, outcome: Any, spec: Any) -> int:
-    from study.report import report_study
+    from study.results.report import report_study
 
     report_study(outcome, spec)
     status, problem = study_exit_status(outcome.records)
@@ -241,7 +241,7 @@ def _finish_study(args: argparse.Namespace, outcome: Any, spec: Any) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from study.runner import run_study
+    from study.orchestration.runner import run_study
 
     spec = _spec_with(args)
     outcome = run_study(spec, progress=not args.quiet, address=args.address, tracking_uri=args.tracking_uri)
@@ -249,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from study.runner import run_study
+    from study.orchestration.runner import run_study
     from study.spec import load_spec, parse_spec
     from study.storage import study_exists
 
@@ -267,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from study.runner import STUDY_FILE, run_study
+    from study.orchestration.runner import STUDY_FILE, run_study
     from study.spec import parse_spec
     from study.storage import fetch_study
 
@@ -281,8 +281,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from study.export import front_to_quote
-    from study.runner import load_records
+    from study.orchestration.runner import load_records
+    from study.results.export import front_to_quote
 
     state, records = load_records(args.storage, args.name)
     if args.final:
@@ -290,15 +290,15 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         title = "verified front (test split, final attacks)"
     else:
         front, title = [r for r in records if r.get("on_front")], "search front (validation split, search attacks)"
-    from study.report import format_front
+    from study.results.report import format_front
 
     print(format_front(front, f"study {args.name}: {title}, {len(records)} trials"))
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from study.export import export_document, front_to_quote, write_export
-    from study.runner import load_records
+    from study.orchestration.runner import load_records
+    from study.results.export import export_document, front_to_quote, write_export
     from study.spec import parse_spec
 
     state, records = load_records(args.storage, args.name)

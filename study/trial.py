@@ -20,10 +20,10 @@ import torch
 from defenses import build_model
 from study.config import ConfigError, TrialConfig, dump_trial_config, load_trial_config
 from study.data import DataBundle, eval_tensors, load_data
-from study.evaluate import evaluate
-from study.records import FINAL_SPLIT, SEARCH_SPLIT, failed_gates
+from study.evaluation.suite import evaluate
 from study.reproducibility import pinned, reproducible
-from study.train import EpochReport, fit
+from study.results.records import FINAL_SPLIT, SEARCH_SPLIT, failed_gates
+from study.training.loop import EpochReport, fit
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from study.answer import answer_floor, format_answer, short_answer
-from study.pareto import defense_fronts
-from study.plots.defense_fronts import plot_defense_fronts_html, plot_defense_fronts_png
+from study.results.answer import answer_floor, format_answer, short_answer
+from study.results.pareto import defense_fronts
+from study.results.plots.defense_fronts import plot_defense_fronts_html, plot_defense_fronts_png
 
 OBJ, DIRS = ["clean_accuracy", "robust_accuracy"], ["max", "max"]
 
@@ -139,8 +139,8 @@ def test_a_list_of_names_still_works_and_default_moves_inside_a_narrowed_range()
 def test_importance_finds_the_parameter_that_drives_an_objective(tmp_path: Path):
     import optuna
 
-    from study.importance import format_importances, study_importances
-    from study.searcher import optuna_storage_url
+    from study.orchestration.importance import format_importances, study_importances
+    from study.orchestration.searcher import optuna_storage_url
 
     spec = _demo(storage=str(tmp_path), name="imp")
     spec.study_dir().mkdir(parents=True)

@@ -13,9 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("defenses", "search_spaces", "study")
 MAX_LINES = 600
 # The only product modules that may import Ray or Optuna: the orchestration of a study.
-ORCHESTRATION = {"study.runner", "study.searcher", "study.ray_cluster", "study.mirror", "study.verify", "study.progress",
-                 "study.tracking", "study.scheduler",
-                 "study.importance"}
+ORCHESTRATION = {"study.orchestration", "study.tracking"}
 THIRD_PARTY_RUNTIME = ("ray", "optuna")
 
 

@@ -17,11 +17,11 @@ from torch import nn
 from defenses.build import build_model
 from defenses.cas import CAS_PLACEMENTS, ChannelActivationSuppression, cas_modules
 from search_spaces import SPACES
-from study import recipes as recipes_mod
 from study.attacks import ATTACKS, AttackContext
 from study.config import AttackConfig, TrainingConfig, parse_trial_config
-from study.recipes import RECIPES, StepContext
 from study.spec import load_spec
+from study.training import recipes as recipes_mod
+from study.training.recipes import RECIPES, StepContext
 from study.trial import runtime_defense_params
 
 D, C, K, N = 6, 5, 4, 8  # input features, CAS channels, classes, batch

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.attacks import ATTACKS, AttackContext, AttackOutcome, Stage, run_attack
-from study.checks import (
+from study.config import AttackConfig, EvalConfig
+from study.evaluation.checks import (
     Flag,
     check_batch_independence,
     check_black_box,
@@ -28,7 +29,6 @@ from study.checks import (
     run_checks,
     trusted,
 )
-from study.config import AttackConfig, EvalConfig
 
 
 def digits_mlp():

@@ -179,7 +179,7 @@ def _final(status: str, **extra) -> dict:
 
 
 def test_study_without_a_completed_trial_fails_and_one_completed_trial_is_enough() -> None:
-    from study.runner import collect_records
+    from study.orchestration.runner import collect_records
     from study.spec import load_spec
 
     spec = load_spec("demo")

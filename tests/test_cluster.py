@@ -224,7 +224,7 @@ def test_local_instance_stays_on_loopback(tmp_path: Path) -> None:
     code = (
         "from ray import tune  # run_study imports it before init_ray\n"
         "import json, ray\n"
-        "from study.runner import init_ray\n"
+        "from study.orchestration.runner import init_ray\n"
         "from study.spec import StudySpec\n"
         "init_ray(StudySpec.model_validate({'name': 'loopback'}))\n"
         "print(json.dumps({'nodes': [n['NodeManagerAddress'] for n in ray.nodes()],\n"

@@ -13,7 +13,7 @@ from torch import nn
 from study import attacks as attacks_module
 from study.attacks import ATTACKS, AttackContext, Stage
 from study.config import EvalConfig
-from study.evaluate import eps_curve, evaluate, worst_case
+from study.evaluation.suite import eps_curve, evaluate, worst_case
 
 
 def digits(seed: int = 0):
@@ -183,7 +183,7 @@ def test_eps_curve_reuses_the_suites_pgd_and_gets_the_same_numbers(data, mlp, mo
     fresh, fresh_outcomes = eps_curve(mlp, x, y, [0.1, 0.2], ctx, steps=5)
     calls = []
     real = attacks_module.run_attack
-    monkeypatch.setattr("study.evaluate.run_attack", lambda *a, **k: calls.append(a[3].eps) or real(*a, **k))
+    monkeypatch.setattr("study.evaluation.suite.run_attack", lambda *a, **k: calls.append(a[3].eps) or real(*a, **k))
     reused, reused_outcomes = eps_curve(mlp, x, y, [0.1, 0.2], ctx, steps=5, done=[suite_pgd])
     assert calls == [0.0, 0.1]  # the 0.2 point is the suite's PGD: not run again
     assert reused == fresh  # and rerunning it would have given the same numbers

@@ -182,7 +182,7 @@ def test_trial_that_dies_without_retries_is_failed_with_reason_and_study_finishe
     assert len(failed) == 1 and failed[0]["reason"]
     assert not failed[0]["on_front"]
     # the front is computed from the rest: exactly the shared rule applied to the other trials
-    from study.pareto import front_of_records
+    from study.results.pareto import front_of_records
 
     rest = [r for r in records if r["status"] == "completed"]
     expected = {rest[i]["trial_id"] for i in front_of_records(rest, ["clean_accuracy", "robust_accuracy"], ["max", "max"])}

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.attacks import AttackContext, run_attack
-from study.checks import (
+from study.config import AttackConfig, EvalConfig
+from study.evaluation.checks import (
     check_eps_curve,
     check_fgsm_vs_pgd,
     check_large_eps,
@@ -18,8 +19,7 @@ from study.checks import (
     noise_tolerance,
     run_checks,
 )
-from study.config import AttackConfig, EvalConfig
-from study.evaluate import eps_curve, evaluate
+from study.evaluation.suite import eps_curve, evaluate
 
 
 def digits_mlp():

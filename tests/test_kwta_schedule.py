@@ -22,12 +22,12 @@ from torch.utils.data import TensorDataset
 
 from defenses import build_model
 from defenses.kwta import KWinnersTakeAll, KWTAAnnealing
-from study import train as train_mod
 from study.config import ConfigError, TrainingConfig, parse_trial_config
 from study.data import DataBundle, DatasetInfo
-from study.records import reached_values
+from study.results.records import reached_values
 from study.spec import BUILTIN_SPECS, load_spec, trial_config_for
-from study.train import fit
+from study.training import loop as train_mod
+from study.training.loop import fit
 
 CPU = torch.device("cpu")
 
@@ -255,7 +255,7 @@ def test_reached_gamma_follows_the_epoch_early_stopping_restores(monkeypatch) ->
 
 
 def test_reached_value_reaches_records_and_mlflow_metrics() -> None:
-    from study.runner import collect_records
+    from study.orchestration.runner import collect_records
     from study.tracking.trial_files import result_metrics, result_params
 
     final = {

@@ -19,7 +19,7 @@ def test_hundred_trials_are_each_recorded_once_and_the_front_is_right(tmp_path: 
     from mlflow.tracking import MlflowClient
 
     from study.bench.load import bench_load, format_load
-    from study.pareto import pareto_front
+    from study.results.pareto import pareto_front
 
     m = bench_load(num_trials=TRIALS, concurrency=2, storage=tmp_path / "results", tracking_uri=mlflow_server.uri)
     print(format_load(m))  # wall time and per-trial overhead, shown with -s

@@ -1,5 +1,5 @@
-"""MO-ASHA's promotion rule (study.mo_asha) against rungs worked out by hand, and its Ray Tune
-scheduler (study.scheduler) driven without starting Ray.
+"""MO-ASHA's promotion rule (study.orchestration.mo_asha) against rungs worked out by hand, and its Ray Tune
+scheduler (study.orchestration.scheduler) driven without starting Ray.
 
 The rule (Schmucker et al. 2021 with ASHA's stop-or-continue decisions): order a rung by
 non-dominated sorting, ties in a front broken by NSGA-II crowding distance (Deb et al. 2002);
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from study.mo_asha import Rungs, crowding_distances, milestones, non_dominated_ranks, promoted
+from study.orchestration.mo_asha import Rungs, crowding_distances, milestones, non_dominated_ranks, promoted
 
 MAX2 = ["max", "max"]
 
@@ -98,7 +98,7 @@ def test_rungs_refuse_bad_settings() -> None:
 def test_the_tune_scheduler_applies_the_rule_to_reported_objectives() -> None:
     from ray.tune.schedulers import TrialScheduler
 
-    from study.scheduler import MultiObjectiveASHA
+    from study.orchestration.scheduler import MultiObjectiveASHA
 
     s = MultiObjectiveASHA(
         ["clean_accuracy", "robust_accuracy"], MAX2, time_attr="epoch", grace_period=1, reduction_factor=3, max_t=9
@@ -125,7 +125,7 @@ def test_the_spec_selects_the_scheduler(tmp_path) -> None:
     from ray.tune.schedulers import ASHAScheduler
 
     from study.config import ConfigError
-    from study.scheduler import MultiObjectiveASHA, make_scheduler
+    from study.orchestration.scheduler import MultiObjectiveASHA, make_scheduler
     from study.spec import parse_spec, trial_config_for
 
     base = {

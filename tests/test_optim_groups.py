@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-import study.train as train_module
+import study.training.loop as train_module
 from defenses import build_model
 from study.config import TrainingConfig
-from study.optim_groups import parameter_groups
-from study.train import OPTIMIZERS
+from study.training.loop import OPTIMIZERS
+from study.training.optim_groups import parameter_groups
 
 KAF_FREE = {"trainable_dictionary": True, "per_channel": True, "dictionary_size": 5}
 

@@ -48,7 +48,7 @@ def test_completion_hook_labels_optuna_trials_and_names_objectives(
 ) -> None:
     import optuna
 
-    from study.searcher import make_searcher, optuna_storage_url
+    from study.orchestration.searcher import make_searcher, optuna_storage_url
     from study.spec import parse_spec
 
     # A cost objective too, so the names must come from the spec, not a fixed pair.
@@ -78,9 +78,9 @@ def test_completion_hook_labels_optuna_trials_and_names_objectives(
     searcher.suggest("told-before")
     number = searcher._ot_trials["told-before"].number
     study.tell(number, state=optuna.trial.TrialState.FAIL)
-    with caplog.at_level(logging.WARNING, logger="study.searcher"):
+    with caplog.at_level(logging.WARNING, logger="study.orchestration.searcher"):
         searcher.on_trial_complete("told-before", result=OUTCOMES["trusted"][0])
-    assert any("already finished" in r.getMessage() for r in caplog.records if r.name == "study.searcher")
+    assert any("already finished" in r.getMessage() for r in caplog.records if r.name == "study.orchestration.searcher")
     again = optuna.load_study(study_name="hook", storage=optuna_storage_url(study_dir)).trials[number]
     assert again.state.name == "FAIL" and again.user_attrs == {}
 
@@ -120,7 +120,7 @@ def _record_for(params: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
 def test_study_optuna_trials_match_trials_json(dashboard_study: dict[str, Any]) -> None:
     import optuna
 
-    from study.searcher import optuna_storage_url
+    from study.orchestration.searcher import optuna_storage_url
 
     study = optuna.load_study(study_name="dash", storage=optuna_storage_url(dashboard_study["study_dir"]))
     assert study.metric_names == dashboard_study["objectives"]
@@ -197,7 +197,7 @@ def check_dashboard_pages(browser: Browser, base: str, study_id: int, detail: di
 def test_optuna_dashboard_shows_objective_names_and_trial_attributes(
     chromium: str, dashboard_study: dict[str, Any], tmp_path: Path  # noqa: F811 - the imported fixture
 ) -> None:
-    from study.searcher import optuna_storage_url
+    from study.orchestration.searcher import optuna_storage_url
 
     executable = BIN / "optuna-dashboard"
     assert executable.exists(), "optuna-dashboard is missing: install the dev extra (pip install -e '.[dev]')"

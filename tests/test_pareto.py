@@ -1,4 +1,4 @@
-"""Pareto front and hypervolume against brute force (study/pareto.py).
+"""Pareto front and hypervolume against brute force (study/results/pareto.py).
 
 The references below work in the original directions (no sign flipping), so they share no code
 or trick with the implementation: an O(n^2) dominance check for the front, unit-cell counting on
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from study.pareto import hypervolume, hypervolume_history, pareto_front
+from study.results.pareto import hypervolume, hypervolume_history, pareto_front
 
 SEEDS = range(150)
 

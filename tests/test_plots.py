@@ -1,5 +1,5 @@
-"""Tests for study.plots: files are written, the encoding is honest, the front comes from
-study.pareto and never contains an untrusted trial."""
+"""Tests for study.results.plots: files are written, the encoding is honest, the front comes from
+study.results.pareto and never contains an untrusted trial."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from study import pareto, plots
+from study.results import pareto, plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

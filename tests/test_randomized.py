@@ -13,7 +13,7 @@ from torch import nn
 
 from study.attacks import ATTACKS, AttackContext, EveryAPGD, Stage, clean_score, run_attack
 from study.config import AttackConfig, EvalConfig
-from study.evaluate import evaluate
+from study.evaluation.suite import evaluate
 
 
 class Flicker(nn.Module):

@@ -31,7 +31,7 @@ import pytest
 from conftest import free_port, stop_group, write_spec
 
 from study.config import ConfigError
-from study.ray_cluster import RayTarget, resolve_address, validate_target
+from study.orchestration.ray_cluster import RayTarget, resolve_address, validate_target
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -145,8 +145,8 @@ LOCAL_PROBE = (
     "from ray import tune  # run_study imports it before init_ray\n"
     "import json, ray\n"
     "from ray._private.services import get_ray_address_from_environment\n"
-    "from study.runner import init_ray\n"
-    "from study.ray_cluster import describe, resolve_address\n"
+    "from study.orchestration.runner import init_ray\n"
+    "from study.orchestration.ray_cluster import describe, resolve_address\n"
     "from study.spec import StudySpec\n"
     "import os\n"
     "seen = get_ray_address_from_environment(None, None)  # what a bare ray.init() would join\n"

@@ -6,10 +6,10 @@ import pytest
 
 from defenses import build_model
 from study.attacks import ATTACKS, AttackContext
-from study.checks import Flag, trusted
 from study.config import AttackConfig, parse_trial_config
-from study.recipes import StepContext
-from study.records import failed_gates, is_trusted
+from study.evaluation.checks import Flag, trusted
+from study.results.records import failed_gates, is_trusted
+from study.training.recipes import StepContext
 from study.trial import runtime_defense_params
 
 FLAGS = [

@@ -16,8 +16,8 @@ import yaml
 from conftest import write_spec
 
 from study.config import ConfigError, TrialConfig, load_trial_config, parse_trial_config
-from study.export import export_document, write_export
 from study.reproducibility import applied, current_environment
+from study.results.export import export_document, write_export
 from study.spec import parse_spec
 from study.trial import run_trial, save_trial
 

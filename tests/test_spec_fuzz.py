@@ -214,7 +214,7 @@ def test_cli_run_refuses_in_one_line_without_ray_or_files(doc: Any) -> None:
         err, out = io.StringIO(), io.StringIO()
         os.chdir(root)  # a relative storage resolves here
         try:
-            with mock.patch("study.runner.start_ray_and_tracking", side_effect=_ReachedRay), \
+            with mock.patch("study.orchestration.runner.start_ray_and_tracking", side_effect=_ReachedRay), \
                     contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
                 try:
                     code: int | str = main(["run", str(spec_file)])

@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from study import cli, report
-from study.records import labelled, stage_values
+from study import cli
+from study.results import report
+from study.results.records import labelled, stage_values
 
 
 def _record(
@@ -79,7 +80,7 @@ def test_labels_name_the_split_and_leave_costs_alone() -> None:
 
 
 def test_final_front_is_empty_without_verified_trials_never_the_search_front() -> None:
-    from study.pareto import front_of_records
+    from study.results.pareto import front_of_records
 
     records = [_record(0, (0.9, 0.4), verified=False), _record(1, (0.8, 0.5), verified=False)]
     objectives, directions = ["clean_accuracy", "robust_accuracy"], ["max", "max"]
@@ -96,8 +97,8 @@ def test_final_front_is_empty_without_verified_trials_never_the_search_front() -
 
 
 def test_failed_verification_is_marked_in_table_csv_and_export_and_sets_the_exit_status(tmp_path: Path) -> None:
-    from study.artifacts import front_rows
-    from study.export import export_document, front_to_quote
+    from study.results.artifacts import front_rows
+    from study.results.export import export_document, front_to_quote
     from study.spec import load_spec
 
     good = {**_record(0, (0.9, 0.4), test=(0.88, 0.35), verified=True), "on_front": True, "on_final_front": True}
@@ -141,7 +142,7 @@ def test_failed_verification_is_marked_in_table_csv_and_export_and_sets_the_exit
 
 
 def test_every_verification_failed_gives_an_unverified_front_not_the_search_numbers() -> None:
-    from study.export import export_document, front_to_quote
+    from study.results.export import export_document, front_to_quote
     from study.spec import load_spec
 
     records = [
@@ -157,7 +158,7 @@ def test_every_verification_failed_gives_an_unverified_front_not_the_search_numb
 
 
 def test_verify_off_exports_the_search_front_labelled_unverified() -> None:
-    from study.export import export_document, front_to_quote
+    from study.results.export import export_document, front_to_quote
     from study.spec import load_spec
 
     records = [{**_record(0, (0.9, 0.4)), "on_front": True, "on_final_front": False}]
@@ -168,8 +169,8 @@ def test_verify_off_exports_the_search_front_labelled_unverified() -> None:
 
 
 def test_front_trial_without_a_saved_model_is_marked_unverified() -> None:
+    from study.orchestration.verify import verify_front
     from study.spec import load_spec
-    from study.verify import verify_front
 
     record = {**_record(0, (0.9, 0.4)), "checkpoint": None}
     verify_front(load_spec("demo"), [record])  # nothing to attack: Ray is never asked
@@ -423,7 +424,7 @@ def test_study_run_puts_the_verification_on_each_trial_run(tmp_path: Path) -> No
 
 def test_a_study_recorded_before_the_splits_is_refused_not_relabelled(tmp_path: Path) -> None:
     from study.config import ConfigError
-    from study.runner import load_records
+    from study.orchestration.runner import load_records
 
     study_dir = tmp_path / "old"
     study_dir.mkdir()

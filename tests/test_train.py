@@ -1,4 +1,4 @@
-"""Tests for the training recipes (study.recipes) and the one training loop (study.train)."""
+"""Tests for the training recipes (study.training.recipes) and the one training loop (study.training.loop)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from defenses import KWTAAnnealing
 from defenses.build import build_model
 from defenses.cas import cas_aux_loss, cas_labels
 from defenses.kwta import KWinnersTakeAll
-from study import train as train_mod
 from study.config import TrainingConfig
 from study.data import DataBundle, DatasetInfo
-from study.recipes import (
+from study.training import loop as train_mod
+from study.training.loop import EpochReport, fit, lr_factor
+from study.training.recipes import (
     RECIPES,
     StepContext,
     linf_pgd,
@@ -26,7 +27,6 @@ from study.recipes import (
     pgd_step_size,
     trades_objective,
 )
-from study.train import EpochReport, fit, lr_factor
 
 CPU = torch.device("cpu")
 ADVERSARIAL = ("fast_at", "pgd_at", "trades", "mart")
@@ -347,7 +347,7 @@ def test_val_eps_sets_the_epsilon_of_the_per_epoch_robust_accuracy(recipe: str, 
                                                                      monkeypatch) -> None:
     # MO-ASHA compares trials on this number: with val_eps it is measured at that epsilon for every
     # recipe (standard training included), not at the trial's own adv_eps.
-    import study.train as train_mod
+    import study.training.loop as train_mod
 
     seen: list[float] = []
     monkeypatch.setattr(train_mod, "_val_robust_accuracy", lambda model, data, eps, device: seen.append(eps) or 0.5)

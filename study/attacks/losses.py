@@ -126,7 +126,7 @@ class CASAdaptivePGD(LossPGD):
         self.beta = beta
 
     def _joint_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        # The same function the CAS training attack ascends (study.recipes).
+        # The same function the CAS training attack ascends (study.training.recipes).
         return cas_joint_ce(logits, cas_aux_logits(self.model), labels, self.beta)
 
 

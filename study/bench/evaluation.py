@@ -2,7 +2,7 @@
 
 Takes a finished study (the demo by default) and attacks *every* completed trial's saved model
 with the study's ``final_eval`` suite, exactly as the verification step attacks the front
-(:func:`study.verify.reevaluate`), two trials at a time. Then:
+(:func:`study.orchestration.verify.reevaluate`), two trials at a time. Then:
 
 * attack time, as run: every trial's search evaluation + the verification of the front;
 * attack time, strong everywhere: the strong evaluation of every trial (what a study that
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 def _strong(args: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     import torch
 
-    from study.verify import reevaluate
+    from study.orchestration.verify import reevaluate
 
     torch.set_num_threads(1)  # one core per worker process
     trial_dir, eval_data = args
@@ -38,8 +38,8 @@ def _strong(args: tuple[str, dict[str, Any]]) -> dict[str, Any]:
 
 def bench_evaluation(name: str = "demo", storage: str | Path = "results", workers: int | None = None) -> dict[str, Any]:
     """Strong-attack every trial of study ``name`` and compare the costs and fronts."""
-    from study.pareto import front_of_records
-    from study.runner import load_records
+    from study.orchestration.runner import load_records
+    from study.results.pareto import front_of_records
     from study.spec import StudySpec
 
     state, records = load_records(str(storage), name)

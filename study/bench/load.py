@@ -41,8 +41,8 @@ def audit_study(spec: StudySpec, tracking_uri: str) -> dict[str, Any]:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from study.pareto import front_of_records
-    from study.runner import STUDY_FILE, TRIALS_FILE, trial_seconds
+    from study.orchestration.runner import STUDY_FILE, TRIALS_FILE, trial_seconds
+    from study.results.pareto import front_of_records
     from study.tracking import PARENT_TAG, TRIAL_ID_TAG
 
     study_dir = spec.study_dir()
@@ -94,7 +94,7 @@ def bench_load(num_trials: int = 100, concurrency: int = 2, storage: str | Path 
     """Run the load study (its wall time includes Ray's start) and audit it."""
     import ray
 
-    from study.runner import run_study, tracking_uri_for
+    from study.orchestration.runner import run_study, tracking_uri_for
 
     spec = load_spec(storage, num_trials, concurrency, tracking_uri)
     logger.info("bench load: %d tiny trials, concurrency %d", num_trials, concurrency)

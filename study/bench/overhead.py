@@ -10,7 +10,7 @@ four ways, one after the other in one command, so the ratios come from one sitti
      the same order: the best any scheduler can do with whole trials on these cores (the floor),
      worker start-up included;
 (b)  the study: Ray Tune with ``concurrency`` trials at once, Optuna, MLflow logging, artifacts,
-     timed from the call to :func:`study.runner.run_study` until Ray has shut down again.
+     timed from the call to :func:`study.orchestration.runner.run_study` until Ray has shut down again.
 
 Issue 6's target, wall(b)/wall(a) <= 0.65 ("near-linear use of 2 cores despite Ray and MLflow"),
 is judged against (a1): a loop with the same per-trial resources, so the ratio measures what the
@@ -39,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from study.runner import params_key, trial_seconds
+from study.orchestration.runner import params_key, trial_seconds
 from study.spec import StudySpec, bench_spec, trial_config_for
 
 __all__ = ["bench_overhead", "format_overhead", "overhead_spec", "sample_params"]
@@ -109,7 +109,7 @@ def _pool_worker_init(checks_level: int) -> None:
 
     torch.set_num_threads(1)
     # The workers say as much about the trials' integrity checks as the calling process does.
-    logging.getLogger("study.checks").setLevel(checks_level)
+    logging.getLogger("study.evaluation.checks").setLevel(checks_level)
 
 
 def _pool(spec: StudySpec, params: list[dict[str, Any]], workers: int) -> tuple[float, list[dict[str, Any]]]:
@@ -118,7 +118,7 @@ def _pool(spec: StudySpec, params: list[dict[str, Any]], workers: int) -> tuple[
     spec_data = spec.model_dump(mode="json")
     start = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_worker_init,
-                             initargs=(logging.getLogger("study.checks").getEffectiveLevel(),)) as pool:
+                             initargs=(logging.getLogger("study.evaluation.checks").getEffectiveLevel(),)) as pool:
         futures = [pool.submit(_one_trial, spec_data, p, f"pool_{i}") for i, p in enumerate(params)]
         results = [f.result() for f in futures]
     return time.perf_counter() - start, results
@@ -128,7 +128,7 @@ def _study(spec: StudySpec, params: list[dict[str, Any]]) -> tuple[float, float,
     """Run the study; return its wall-clock start and end (Ray's shutdown included) and records."""
     import ray
 
-    from study.runner import run_study
+    from study.orchestration.runner import run_study
 
     called_at = time.time()
     try:
@@ -144,13 +144,13 @@ def study_timeline(records: list[dict[str, Any]], called_at: float, ended_at: fl
 
     Besides the start-up, trial phase and wind-down, it splits the framework's cost *per trial*
     from its fixed cost: for every trial after the first of its slot (a worker, see
-    :func:`study.plots.timeline_lanes`) the gap since the slot's previous trial ended (Tune
+    :func:`study.results.plots.timeline_lanes`) the gap since the slot's previous trial ended (Tune
     handing over the next configuration) and its time inside the trainable beyond training and
     attacks (config, model, final checkpoint and report). A slot's first trial also imports
     torch and loads the data, which any fresh worker pays (the process pool too): that is counted
     apart, as ``first_setup_s``.
     """
-    from study.plots import timeline_lanes
+    from study.results.plots import timeline_lanes
 
     done = [r for r in records if r.get("started_at") is not None and r.get("ended_at") is not None]
     first = min(r["started_at"] for r in done)

@@ -1,7 +1,7 @@
 """Search-efficiency benchmark: how fast each sampler's (clean, robust) front grows.
 
 Every sampler the product offers (configured exactly as a study configures it, by
-:func:`study.searcher.make_sampler`) searches the same cheap digits space for ``max(n)`` trials,
+:func:`study.orchestration.searcher.make_sampler`) searches the same cheap digits space for ``max(n)`` trials,
 for several seeds; each proposal is trained and attacked for real by :func:`study.trial.run_trial`
 (Optuna ask/tell, no Ray: the trials of one search run one after the other, and the (sampler,
 seed) searches are spread over worker processes). Reported: the hypervolume of the front of the
@@ -126,9 +126,9 @@ def _search(strategy: str, seed: int, n: int, epochs: int, budget: float | None 
     import optuna
     import torch
 
-    from study.mo_asha import Rungs
-    from study.pareto import hypervolume_history
-    from study.searcher import make_sampler
+    from study.orchestration.mo_asha import Rungs
+    from study.orchestration.searcher import make_sampler
+    from study.results.pareto import hypervolume_history
 
     torch.set_num_threads(1)  # one core per search process
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -18,7 +18,7 @@ PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_LEN = 6000
 _MAX_BATCH_METRICS = 900  # MLflow's log_batch accepts at most 1000 metrics per call
 TERMINAL_MLFLOW = ("FINISHED", "FAILED", "KILLED")
-# Files of a finished study logged on its parent run (what study.artifacts writes).
+# Files of a finished study logged on its parent run (what study.results.artifacts writes).
 PARENT_ARTIFACTS = ("trials.json", "front.csv", "front_final.csv", "front.png", "front_final.png", "front.html",
                     "hypervolume.csv", "hypervolume.png", "timeline.png", "best.yaml")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from study.records import REACHED_SUFFIX, reached_values
+from study.results.records import REACHED_SUFFIX, reached_values
 from study.tracking.store import _finite
 
 # --------------------------------------------------------------------------- one trial's record

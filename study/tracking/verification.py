@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from study.records import FINAL_SPLIT, labelled
+from study.results.records import FINAL_SPLIT, labelled
 
 
 def verification_entries(record: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from study.records import FINAL_SPLIT, SEARCH_SPLIT, labelled
+from study.results.records import FINAL_SPLIT, SEARCH_SPLIT, labelled
 from study.spec import StudySpec
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ def reevaluate(
 def _reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str, split: str) -> dict[str, Any]:
     from study.config import ConfigError, EvalConfig, load_trial_config
     from study.data import eval_tensors, load_data
-    from study.evaluate import evaluate
-    from study.records import failed_gates
+    from study.evaluation.suite import evaluate
+    from study.results.records import failed_gates
     from study.trial import load_model, runtime_defense_params, split_sizes
 
     config = load_trial_config(f"{trial_dir}/config.yaml")

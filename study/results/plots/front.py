@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from study.plots.common import (
+from study.results.plots.common import (
     DEFAULT_DIRECTIONS,
     DEFAULT_OBJECTIVES,
     FRONT_LABEL,

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from study.plots.common import _EXTRA_COLORS, NO_TRIALS_NOTE, _prepare_path, defense_color
+from study.results.plots.common import _EXTRA_COLORS, NO_TRIALS_NOTE, _prepare_path, defense_color
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def plot_hypervolume_png(
 
     Args:
         history: Hypervolume after trial 1, 2, ... of this study (e.g. from
-            :func:`study.pareto.hypervolume_history`); may be empty.
+            :func:`study.results.pareto.hypervolume_history`); may be empty.
         path: Output file (``.png``); parent directories are created.
         title: Figure title.
         by_sampler: Optional search-efficiency benchmark: sampler name → one history per seed.

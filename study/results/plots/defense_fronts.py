@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from study import pareto
-from study.plots.common import (
+from study.results import pareto
+from study.results.plots.common import (
     DEFAULT_DIRECTIONS,
     DEFAULT_OBJECTIVES,
     _axis_label,
@@ -109,7 +109,7 @@ def plot_defense_fronts_html(
     hovering a front point shows its trial number and hyperparameters. plotly.js is embedded."""
     import plotly.graph_objects as go
 
-    from study.plots.common import _params_text
+    from study.results.plots.common import _params_text
 
     objectives, directions = _check_objectives(objectives, directions, stage)
     points, per_defense, overall = _groups(records, objectives, directions, stage)

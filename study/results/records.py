@@ -77,7 +77,7 @@ class FinalNumbers(TypedDict, total=False):
 
 
 class TrialRecord(TypedDict, total=False):
-    """One trial of a study, as ``study.runner.collect_records`` builds it."""
+    """One trial of a study, as ``study.orchestration.runner.collect_records`` builds it."""
 
     trial_id: str
     number: int

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from study.config import ConfigError, parse_trial_config
-from study.records import FINAL_SPLIT, SEARCH_SPLIT, SPLIT_METRICS, labelled, stage_values
 from study.reproducibility import pinned
+from study.results.records import FINAL_SPLIT, SEARCH_SPLIT, SPLIT_METRICS, labelled, stage_values
 from study.spec import StudySpec, trial_config_for
 
 EXPORT_KIND = "robust-study/front"

@@ -14,7 +14,7 @@ strictly before it in the order; the first trial at a rung always continues. Run
 below the trial's last epoch: a trial that reaches its last epoch always completes and is
 evaluated, so the work of a full training is never thrown away at the finish line.
 
-:class:`~study.scheduler.MultiObjectiveASHA` wraps :class:`Rungs` for Ray Tune;
+:class:`~study.orchestration.scheduler.MultiObjectiveASHA` wraps :class:`Rungs` for Ray Tune;
 ``robust-study bench search`` drives the same class without Ray.
 """
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from study.config import ConfigError
-from study.ray_cluster import RayTarget, resolve_address, validate_target
-from study.records import SEARCH_SPLIT, TrialRecord, labelled, reached_values, trial_outcome
+from study.orchestration.ray_cluster import RayTarget, resolve_address, validate_target
+from study.results.records import SEARCH_SPLIT, TrialRecord, labelled, reached_values, trial_outcome
 from study.spec import StudySpec, trial_config_for
 
 log = logging.getLogger(__name__)
@@ -165,9 +165,9 @@ def quiet_libraries() -> None:
 
 
 def init_ray(spec: StudySpec, target: RayTarget | None = None) -> None:
-    """Start or join Ray for ``spec`` (``target``: see study.ray_cluster; default from the spec
+    """Start or join Ray for ``spec`` (``target``: see study.orchestration.ray_cluster; default from the spec
     and the environment)."""
-    from study.ray_cluster import init_ray as _init
+    from study.orchestration.ray_cluster import init_ray as _init
 
     target = target or resolve_address(None, spec.address, os.environ)
     _init(target, num_cpus=max(int(spec.resources.cpu * spec.concurrency), os.cpu_count() or 1))
@@ -212,7 +212,7 @@ def tracking_uri_for(spec: StudySpec, flag: str | None = None) -> str:
 def preflight(spec: StudySpec, uri: str, target: RayTarget | None = None) -> None:
     """Everything checkable before Ray starts: dataset present, MLflow and Ray reachable."""
     from study.data import load_data
-    from study.ray_cluster import check_reachable as check_ray
+    from study.orchestration.ray_cluster import check_reachable as check_ray
     from study.storage import check_remote
     from study.tracking import check_reachable
 
@@ -232,8 +232,8 @@ def _prepare_tracking(uri: str) -> list[Path]:
     # is created, so that a failing import leaves nothing on disk.
     from matplotlib.figure import Figure  # noqa: F401
 
-    import study.artifacts  # noqa: F401
-    import study.plots  # noqa: F401
+    import study.results.artifacts  # noqa: F401
+    import study.results.plots  # noqa: F401
 
     return open_store(uri)
 
@@ -253,7 +253,7 @@ def start_ray_and_tracking(spec: StudySpec, uri: str, target: RayTarget | None =
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from study.ray_cluster import describe
+    from study.orchestration.ray_cluster import describe
     from study.tracking import remove_created
 
     with ThreadPoolExecutor(1, thread_name_prefix="tracking-store") as pool:
@@ -312,8 +312,8 @@ def run_study(
     preflight(spec, uri, target)
     from ray import tune
 
-    from study.progress import ProgressLine
-    from study.searcher import make_searcher
+    from study.orchestration.progress import ProgressLine
+    from study.orchestration.searcher import make_searcher
     from study.tracking import MlflowTrialLogger, StudyRun
 
     quiet_library_env()
@@ -354,12 +354,12 @@ def run_study(
     else:
         callbacks = [MlflowTrialLogger(uri, study_run.experiment_id, parent_id, spec.name)]
         if remote:
-            from study.mirror import StudyMirror
+            from study.orchestration.mirror import StudyMirror
 
             callbacks.append(StudyMirror(spec.storage, spec.name))
         if progress:
             callbacks.append(ProgressLine(spec.num_trials, spec.directions))
-        from study.scheduler import make_scheduler
+        from study.orchestration.scheduler import make_scheduler
 
         scheduler = make_scheduler(spec)
         tuner = tune.Tuner(
@@ -455,8 +455,8 @@ def params_key(params: dict[str, Any]) -> str:
 
 def front_records(records: list[dict[str, Any]], objectives: list[str], directions: list[str],
                   stage: str = "search") -> list[dict[str, Any]]:
-    """The records on the front (trusted, completed; see study.pareto.front_of_records)."""
-    from study.pareto import front_of_records
+    """The records on the front (trusted, completed; see study.results.pareto.front_of_records)."""
+    from study.results.pareto import front_of_records
 
     return [records[i] for i in front_of_records(records, objectives, directions, stage)]
 
@@ -466,7 +466,7 @@ def _defense_front_records(spec: StudySpec, records: list[dict[str, Any]], front
     for them to be verified too."""
     if not spec.verify_defense_fronts:
         return []
-    from study.pareto import defense_fronts
+    from study.results.pareto import defense_fronts
 
     on_front = {id(r) for r in front}
     wanted = {i for idx in defense_fronts(records, spec.objectives, spec.directions).values() for i in idx}
@@ -476,10 +476,10 @@ def _defense_front_records(spec: StudySpec, records: list[dict[str, Any]], front
 def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any) -> tuple[list, list]:
     """Verify the front with the strong attacks on the test split, recompute it, write and log the
     artifacts, and put each verified trial's test numbers on its MLflow run."""
-    from study.artifacts import write_study_artifacts
-    from study.importance import write_importances
-    from study.searcher import close_orphaned_optuna_trials
-    from study.verify import verify_front
+    from study.orchestration.importance import write_importances
+    from study.orchestration.searcher import close_orphaned_optuna_trials
+    from study.orchestration.verify import verify_front
+    from study.results.artifacts import write_study_artifacts
 
     close_orphaned_optuna_trials(spec)
     front = front_records(records, spec.objectives, spec.directions)

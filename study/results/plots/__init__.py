@@ -3,11 +3,11 @@
 Three artifacts, one visual encoding: every completed trial is a point coloured by its defense
 (the same colour for a defense in every plot and format), trials that failed an integrity gate are
 drawn as an ``x`` and can never sit on the front, and the front itself is a staircase through the
-highlighted non-dominated trials. The front is always computed by :mod:`study.pareto` (the one
+highlighted non-dominated trials. The front is always computed by :mod:`study.results.pareto` (the one
 place that defines it), through :func:`front_indices`, so a plot can never disagree with the
 front the study reports.
 
-Records are :class:`study.records.TrialRecord` dicts (what the runner collects from each trial;
+Records are :class:`study.results.records.TrialRecord` dicts (what the runner collects from each trial;
 accuracies are fractions in [0, 1], ``final`` holds the strong re-evaluation when there is one).
 
 "Search cheap, verify strong": the final numbers come from the strong re-evaluation of the front
@@ -22,7 +22,7 @@ so it opens offline (air-gapped clusters, this machine).
 
 from __future__ import annotations
 
-from study.plots.common import (  # noqa: F401
+from study.results.plots.common import (  # noqa: F401
     BASELINE_COLOR,
     DEFAULT_DIRECTIONS,
     DEFAULT_OBJECTIVES,
@@ -38,11 +38,11 @@ from study.plots.common import (  # noqa: F401
     defense_color,
     front_indices,
 )
-from study.plots.front import (  # noqa: F401
+from study.results.plots.front import (  # noqa: F401
     plot_front_html,
     plot_front_png,
 )
-from study.plots.history import (  # noqa: F401
+from study.results.plots.history import (  # noqa: F401
     _mean_std,
     plot_hypervolume_png,
     plot_timeline_png,

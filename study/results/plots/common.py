@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from study import pareto
+from study.results import pareto
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def _pair(
     record: Mapping[str, Any], objectives: tuple[str, str], where: str, stage: str = "search"
 ) -> tuple[float, float] | None:
     """Both plotted objective values of a record at ``stage`` (validation numbers for the search,
-    test numbers for the final stage: study.records.stage_values); None if one is missing."""
-    from study.records import stage_values
+    test numbers for the final stage: study.results.records.stage_values); None if one is missing."""
+    from study.results.records import stage_values
 
     vx, vy = stage_values(record, objectives, stage)
     x = _scaled(objectives[0], vx, where)
@@ -184,7 +184,7 @@ def _front_of(
     directions: tuple[str, str],
     stage: str,
 ) -> list[_Point]:
-    # The front itself comes from the one shared rule (study.pareto.front_of_records).
+    # The front itself comes from the one shared rule (study.results.pareto.front_of_records).
     on_front = set(pareto.front_of_records(records, objectives, directions, stage))
     return [p for p in points if p.index in on_front]
 
@@ -199,7 +199,7 @@ def front_indices(
     """Indices into ``records`` of the trials on the Pareto front, as the plots draw it.
 
     Only completed, trusted trials are candidates (a trial that failed an integrity gate is never
-    on the front); the front among them comes from :func:`study.pareto.pareto_front`. With
+    on the front); the front among them comes from :func:`study.results.pareto.pareto_front`. With
     ``stage="final"`` and re-evaluated records, the candidates are the re-evaluated trials at
     their final numbers, trusted at both stages.
 
@@ -246,7 +246,7 @@ def _skipped_note(skipped: Counter[str]) -> str:
 
 
 def _axis_label(objective: str, stage: str = "search") -> str:
-    from study.records import FINAL_SPLIT, SEARCH_SPLIT, labelled
+    from study.results.records import FINAL_SPLIT, SEARCH_SPLIT, labelled
 
     label = labelled(objective, FINAL_SPLIT if stage == "final" else SEARCH_SPLIT).replace("_", " ")
     return f"{label} (%)" if _is_fraction(objective) else label

@@ -56,7 +56,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 def hypervolume_series(spec: StudySpec, records: list[dict[str, Any]]) -> list[float]:
     """Hypervolume of the trusted (clean, robust) search front after each finished trial (validation
     numbers, reference 0, 0): how the search progressed, as the search saw it."""
-    from study.pareto import hypervolume_history
+    from study.results.pareto import hypervolume_history
 
     points = [
         [r["val_clean_accuracy"], r["val_robust_accuracy"]] if r["status"] == "completed" and r["trusted"] else [0.0, 0.0]
@@ -69,9 +69,9 @@ def write_study_artifacts(
     spec: StudySpec, records: list[dict[str, Any]], front: list[dict[str, Any]], final_front: list[dict[str, Any]]
 ) -> list[Path]:
     """Write everything into the study folder; returns the paths to log on the parent run."""
-    from study.export import export_document, front_to_quote, write_export
-    from study.plots import plot_front_html, plot_front_png, plot_hypervolume_png, plot_timeline_png
-    from study.plots.defense_fronts import plot_defense_fronts_html, plot_defense_fronts_png
+    from study.results.export import export_document, front_to_quote, write_export
+    from study.results.plots import plot_front_html, plot_front_png, plot_hypervolume_png, plot_timeline_png
+    from study.results.plots.defense_fronts import plot_defense_fronts_html, plot_defense_fronts_png
 
     d = spec.study_dir()
     paths: list[Path] = []

@@ -8,7 +8,7 @@ small functions:
 * ``objective(ctx, x, x_in, y) -> (loss, logits)``: the recipe's loss and the logits on ``x_in``
   (so ``train_accuracy`` always means accuracy on the inputs actually trained on).
 
-The training loop (:func:`study.train.fit`) only calls :meth:`Recipe.batch_loss`, which runs both
+The training loop (:func:`study.training.loop.fit`) only calls :meth:`Recipe.batch_loss`, which runs both
 under CAS's label context and adds CAS's auxiliary loss for every forward whose loss is used.
 
 Mode during adversarial-example generation follows each paper's public code, because it changes

@@ -15,8 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from study.records import SEARCH_SPLIT, labelled
-from study.searcher import optuna_storage_url
+from study.orchestration.searcher import optuna_storage_url
+from study.results.records import SEARCH_SPLIT, labelled
 from study.spec import StudySpec
 
 log = logging.getLogger(__name__)

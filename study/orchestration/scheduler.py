@@ -1,8 +1,8 @@
 """The study's early-stopping schedulers for Ray Tune: MO-ASHA (multi-objective) or ASHA.
 
 Whatever stops a trial, the trial never reaches the front: its last result has no final
-report, so ``study.records.trial_outcome`` calls it stopped, the fronts skip it and
-``study.searcher`` tells Optuna it was pruned.
+report, so ``study.results.records.trial_outcome`` calls it stopped, the fronts skip it and
+``study.orchestration.searcher`` tells Optuna it was pruned.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from study.mo_asha import Rungs
+from study.orchestration.mo_asha import Rungs
 from study.spec import StudySpec
 
 __all__ = ["MultiObjectiveASHA", "make_scheduler"]
 
 
 class MultiObjectiveASHA(FIFOScheduler):
-    """Stop trials at ASHA's rungs by non-dominated sorting of several metrics (study.mo_asha).
+    """Stop trials at ASHA's rungs by non-dominated sorting of several metrics (study.orchestration.mo_asha).
 
     Args:
         metrics: Result keys of the objectives, as every intermediate result carries them.
@@ -75,7 +75,7 @@ def make_scheduler(spec: StudySpec) -> TrialScheduler | None:
         return None
     if es.rule == "mo_asha":
         # Per-epoch reports carry every objective under its own name, measured on the
-        # validation split (study.runner._trainable).
+        # validation split (study.orchestration.runner._trainable).
         return MultiObjectiveASHA(
             list(spec.objectives),
             list(spec.directions),

@@ -50,7 +50,7 @@ def report_study(outcome: Any, spec: Any) -> None:
         f"\nstudy {spec.name}: {len(records)} trials ({done} completed, {len(records) - done} failed/stopped, "
         f"{untrusted} untrusted) in {outcome.seconds:.0f}s"
     )
-    from study.export import front_to_quote
+    from study.results.export import front_to_quote
 
     print(format_front(outcome.front, f"\nSearch front (validation split; search attacks: "
                                       f"{_attack_names(spec.search_eval)})"))
@@ -69,17 +69,17 @@ def report_study(outcome: Any, spec: Any) -> None:
 
 def _print_answer(outcome: Any, spec: Any) -> None:
     """The short answer per defense and, for the defenses on the front, what mattered."""
-    from study.answer import answer_floor, format_answer, short_answer
+    from study.results.answer import answer_floor, format_answer, short_answer
 
     floor = answer_floor(outcome.records, spec.clean_floor)
     print("\n" + format_answer(short_answer(outcome.records, floor), floor, spec.clean_floor is not None))
     path = Path(outcome.study_dir) / "importances.json"
     if path.exists():
-        from study.importance import format_importances
+        from study.orchestration.importance import format_importances
 
         on_front = sorted({r["defense"] for r in (outcome.final_front or outcome.front)})
         data = json.loads(path.read_text())
-        from study.records import SEARCH_SPLIT, labelled
+        from study.results.records import SEARCH_SPLIT, labelled
 
         objectives = [labelled(o, SEARCH_SPLIT) for o in spec.objectives[:2]]
         print("\n" + format_importances(data, on_front, objectives))

@@ -36,7 +36,7 @@ class Answer:
 def _numbers(record: Mapping[str, Any]) -> tuple[float, float, bool] | None:
     """(clean, robust, verified): the test-split numbers of a trusted verification, else the
     validation numbers of the search."""
-    from study.records import stage_values
+    from study.results.records import stage_values
 
     final = record.get("final")
     if final and final.get("trusted"):

@@ -1,6 +1,6 @@
 """The one training loop.
 
-:func:`fit` trains a model with a recipe from :data:`study.recipes.RECIPES`; everything that
+:func:`fit` trains a model with a recipe from :data:`study.training.recipes.RECIPES`; everything that
 differs between recipes and defenses enters through small hooks instead of branches here:
 
 * the recipe's ``batch_loss`` (adversarial-example generation, the loss, CAS's auxiliary loss);
@@ -36,8 +36,8 @@ from torch.utils.data import Subset
 from defenses import BASELINE, EpochHook, get_defense, make_epoch_hook
 from study.config import TrainingConfig
 from study.data import DataBundle, eval_loader, train_loader
-from study.optim_groups import parameter_groups
-from study.recipes import RECIPES, Recipe, StepContext, linf_pgd
+from study.training.optim_groups import parameter_groups
+from study.training.recipes import RECIPES, Recipe, StepContext, linf_pgd
 
 __all__ = [
     "LR_SCHEDULES",

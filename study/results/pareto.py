@@ -248,14 +248,14 @@ def front_of_records(
     """Indices of the trial records on the Pareto front: the one rule every table and plot uses.
 
     ``objectives`` are the spec's names (``clean_accuracy``); the values are read per stage
-    (:func:`study.records.stage_values`). Candidates are completed, trusted trials (a trial that
+    (:func:`study.results.records.stage_values`). Candidates are completed, trusted trials (a trial that
     failed an integrity gate is never on the front). ``stage="search"`` compares the validation
     numbers of the search attacks. ``stage="final"`` compares only verified records, at their test
     numbers (objectives the final evaluation does not measure, such as training cost, keep the
     search value), trusted at both stages; without any verified record it is empty: search numbers
     never stand in for verified ones.
     """
-    from study.records import stage_values
+    from study.results.records import stage_values
 
     if stage not in ("search", "final"):
         raise ValueError(f"stage {stage!r} must be 'search' or 'final'")

@@ -9,7 +9,7 @@ What :func:`evaluate` measures (``docs/evaluation.md``):
   ``eps_curve`` value and at eps = 0, where the attack runs with a zero budget: that point goes
   through the whole attack path, so R1 can catch a harness that scores attacked inputs
   differently from clean ones;
-* the integrity flags of :mod:`study.checks`; ``trusted`` = every gate passed.
+* the integrity flags of :mod:`study.evaluation.checks`; ``trusted`` = every gate passed.
 
 Honest by default, so a careless suite cannot inflate a number:
 
@@ -56,9 +56,9 @@ from study.attacks import (
     run_attack,
     seeded,
 )
-from study.checks import check_invariants, check_stochastic, probe_stochastic, run_checks, trusted
 from study.config import AttackConfig, EvalConfig
-from study.records import failed_gates
+from study.evaluation.checks import check_invariants, check_stochastic, probe_stochastic, run_checks, trusted
+from study.results.records import failed_gates
 
 log = logging.getLogger(__name__)
 

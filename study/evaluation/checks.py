@@ -31,7 +31,7 @@ from study.attacks import (
     run_attack,
 )
 from study.config import AttackConfig, EvalConfig
-from study.records import is_trusted
+from study.results.records import is_trusted
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Flag:
 
 
 def trusted(flags: Sequence[Flag | dict[str, Any]]) -> bool:
-    """All gate flags passed (``study.records.is_trusted`` on the flags' dicts)."""
+    """All gate flags passed (``study.results.records.is_trusted`` on the flags' dicts)."""
     return is_trusted(f if isinstance(f, dict) else f.as_dict() for f in flags)
 
 
@@ -139,7 +139,7 @@ def check_eps_curve(curve: Sequence[tuple[float, float]], clean_accuracy: float,
     """R1: accuracy does not rise with eps, and eps = 0 reproduces the clean accuracy.
 
     Each point may exceed the lowest accuracy at any smaller eps by at most ``tol``. The eps = 0
-    point must be the attack run with a zero budget (``study.evaluate.eps_curve``), not the clean
+    point must be the attack run with a zero budget (``study.evaluation.suite.eps_curve``), not the clean
     pass again. An empty curve (``eval.eps_curve: []``) is reported as skipped.
     """
     if not curve:

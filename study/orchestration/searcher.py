@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from study.records import SEARCH_SPLIT, labelled, trial_outcome
+from study.results.records import SEARCH_SPLIT, labelled, trial_outcome
 from study.spec import StudySpec
 
 log = logging.getLogger(__name__)
