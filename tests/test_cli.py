@@ -202,10 +202,11 @@ def test_study_without_a_completed_trial_fails_and_one_completed_trial_is_enough
 def test_run_whose_only_trial_diverges_exits_1_with_one_line(tmp_path: Path) -> None:
     from conftest import write_spec
 
-    # Adam at lr 10 sends a KAF network with a trainable dictionary to NaN in its first epoch.
-    spec = write_spec(tmp_path, "diverge", trials=1, include_baseline=False,
-                      defenses={"kaf": {"trainable_dictionary": True}},
-                      training={"epochs": 1, "lr": 10.0, "optimizer": "adam", "schedule": "constant"})
+    # A plug-in layer that turns training activations NaN (tests/plugins/toy_nan.py) diverges in
+    # its first epoch (KAF_Free at Adam lr 10 used to, until its bandwidth was kept positive).
+    plugin = Path(__file__).resolve().parent / "plugins" / "toy_nan.py"
+    spec = write_spec(tmp_path, "diverge", trials=1, include_baseline=False, defenses={"toy_nan": {}},
+                      plugins=[str(plugin)], training={"epochs": 1})
     proc = program("run", str(spec), "--quiet", cwd=tmp_path, timeout=800)
     records = json.loads((tmp_path / "results" / "diverge" / "trials.json").read_text())
     assert [r["status"] for r in records] == ["diverged"], proc.stderr[-2000:]

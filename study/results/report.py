@@ -21,7 +21,9 @@ def format_front(records: list[dict[str, Any]], title: str) -> str:
     lines = [title, header, "-" * len(header)]
     for r in records:
         final = r.get("final") or {}
-        params = ", ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in sorted(r["params"].items()) if k != "defense")
+        # ``cas.recipe`` decides ``training.recipe``: one name=value pair is shown once.
+        shown = dict.fromkeys(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in sorted(r["params"].items()) if k != "defense")
+        params = ", ".join(shown)
         if final:
             tc = _pct(final["test_clean_accuracy"])
             tr = _pct(final["test_robust_accuracy"]) + ("" if final.get("trusted", True) else "!")

@@ -67,8 +67,9 @@ def plot_defense_fronts_png(
     fig = Figure(figsize=(8.0, 5.6), dpi=150, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title)
-    ax.set_xlabel(_axis_label(objectives[0]))
-    ax.set_ylabel(_axis_label(objectives[1]))
+    final = any(p.reevaluated for p in points)
+    ax.set_xlabel(_axis_label(objectives[0], "final" if final else "search"))
+    ax.set_ylabel(_axis_label(objectives[1], "final" if final else "search"))
     for axis, obj in ((ax.xaxis, objectives[0]), (ax.yaxis, objectives[1])):
         if _is_fraction(obj):
             axis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
@@ -87,6 +88,9 @@ def plot_defense_fronts_png(
     if overall:
         xs, ys = _staircase([p.values for p in overall], directions)
         ax.plot(xs, ys, color="black", linewidth=1.2, linestyle="--", label=OVERALL_LABEL, zorder=5)
+    if final:
+        # The faint points are the trials that were not verified (or untrusted): search numbers.
+        ax.scatter([], [], c="0.6", s=18, alpha=0.35, label="faint: not verified (validation numbers)")
     if not points:
         ax.text(0.5, 0.5, "no completed trials", transform=ax.transAxes, ha="center", va="center", color="0.4")
     else:
@@ -114,6 +118,7 @@ def plot_defense_fronts_html(
     objectives, directions = _check_objectives(objectives, directions, stage)
     points, per_defense, overall = _groups(records, objectives, directions, stage)
     out = _prepare_path(path)
+    shown = "final" if any(p.reevaluated for p in points) else "search"
     fig = go.Figure()
     for defense in sorted({str(p.record.get("defense", "?")) for p in points}, key=lambda d: (d != "none", d)):
         color = defense_color(defense)
@@ -137,8 +142,8 @@ def plot_defense_fronts_html(
                                  line={"color": "black", "width": 1.5, "dash": "dash"}, hoverinfo="skip"))
     fig.update_layout(
         title={"text": html.escape(title)},
-        xaxis={"title": {"text": _axis_label(objectives[0])}, "ticksuffix": "%" if _is_fraction(objectives[0]) else ""},
-        yaxis={"title": {"text": _axis_label(objectives[1])}, "ticksuffix": "%" if _is_fraction(objectives[1]) else ""},
+        xaxis={"title": {"text": _axis_label(objectives[0], shown)}, "ticksuffix": "%" if _is_fraction(objectives[0]) else ""},
+        yaxis={"title": {"text": _axis_label(objectives[1], shown)}, "ticksuffix": "%" if _is_fraction(objectives[1]) else ""},
         template="plotly_white", hovermode="closest", legend={"title": {"text": "defense"}},
     )
     fig.write_html(out, include_plotlyjs=True, full_html=True, include_mathjax=False)
