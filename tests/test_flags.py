@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from study.attacks import AttackContext, run_attack
@@ -23,21 +22,11 @@ from study.evaluation.suite import eps_curve, evaluate
 
 
 def digits_mlp():
-    from sklearn.datasets import load_digits
+    """tests/test_checks.py's trained digits MLP, on its first 40 test samples."""
+    from test_checks import digits_mlp as checks_mlp
 
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1300], perm[1300:]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        F.cross_entropy(model(x[tr]), y[tr]).backward()
-        opt.step()
-    return model.eval(), x[te][:40], y[te][:40]
+    model, x, y = checks_mlp()
+    return model, x[:40], y[:40]
 
 
 @pytest.fixture(scope="module")
