@@ -201,13 +201,16 @@ def test_r8_counts_only_points_every_white_box_attack_missed():
     pgd = outcome("pgd", base)
     fgsm = outcome("fgsm", [i != 0 for i in range(n)])
     square = outcome("square", [i not in (0, 1) for i in range(n)])
-    # sample 0 was also broken by FGSM: only sample 1 counts, and AutoAttack warns at one sample
+    # sample 0 was also broken by FGSM: only sample 1 counts; one sample is recorded (AutoAttack
+    # would warn) but the gate needs >= 2 samples and > 1 %
     flag = check_black_box([pgd, fgsm], square)
-    assert flag.values["count"] == 1 and not flag.passed and "1/100" in flag.message
+    assert flag.values["count"] == 1 and flag.passed
+    flag = check_black_box([pgd, fgsm], outcome("square", [i not in (0, 1, 2) for i in range(n)]))
+    assert flag.values["count"] == 2 and not flag.passed and "2/100" in flag.message
     flag = check_black_box([pgd, fgsm], outcome("square", [i != 0 for i in range(n)]))
     assert flag.values["count"] == 0 and flag.passed  # Square broke only what FGSM broke too
     flag = check_black_box([outcome("pgd", [True] * 300)], outcome("square", [i > 1 for i in range(300)]))
-    assert flag.values["count"] == 2 and not flag.passed  # no fraction tolerance either
+    assert flag.values["count"] == 2 and flag.passed  # 2 of 300 is not more than 1 %
     square = outcome("square", [i >= 5 for i in range(n)])
     flag = check_black_box([pgd, fgsm], square)
     assert flag.values["count"] == 4 and not flag.passed

@@ -140,7 +140,8 @@ def test_the_spec_selects_the_scheduler(tmp_path) -> None:
     )
     scheduler = make_scheduler(spec)
     assert isinstance(scheduler, MultiObjectiveASHA)
-    assert scheduler.metrics == ["clean_accuracy", "robust_accuracy", "train_seconds"]
+    # The names the per-epoch reports carry (validation numbers; costs keep their names).
+    assert scheduler.metrics == ["val_clean_accuracy", "val_robust_accuracy", "train_seconds"]
     assert scheduler.rungs.directions == ["max", "max", "min"]
     assert sorted(scheduler.rungs.recorded) == [3]  # default grace 3, rf 3, below epoch 9
     # The rungs compare validation robust accuracy at the search epsilon, not each trial's adv_eps.

@@ -29,8 +29,16 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("defenses", "search_spaces", "study")
 # What a build must not see (and would otherwise write into the source tree: build/, *.egg-info).
-_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "results",
-                                     "mlruns", "runs", "mlflow.db", ".pytest_cache")
+_ANYWHERE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache")
+# Study output folders, only at the top: study/results is a package.
+_AT_ROOT = {"build", "dist", "results", "mlruns", "runs", "mlflow.db"}
+
+
+def _NOT_SOURCE(directory: str, names: list[str]) -> set[str]:
+    ignored = set(_ANYWHERE(directory, names))
+    if Path(directory).resolve() == REPO:
+        ignored |= _AT_ROOT & set(names)
+    return ignored
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -238,7 +238,12 @@ def test_cli_trial_and_evaluate_end_to_end(tmp_path: Path) -> None:
     assert result["attacks"][0]["settings"]["name"] == "fgsm"
     assert result["attacks"][0]["settings"]["eps"] == config["eval"]["eps"]
     rerun_config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert parse_trial_config(rerun_config).model_dump() == parse_trial_config(config).model_dump()
+    saved, given = parse_trial_config(rerun_config).model_dump(), parse_trial_config(config).model_dump()
+    # The saved config is the given one plus what the run used (docs/reproducibility.md).
+    used = saved.pop("reproducibility")
+    given.pop("reproducibility")
+    assert saved == given
+    assert used["threads"] >= 1 and used["environment"]["torch"]
 
     again = cli("evaluate", str(tmp_path / "run"), "--attack", "pgd", "--eps", "0.3", "--n", "30", cwd=tmp_path)
     assert again.returncode == 0, again.stderr

@@ -72,9 +72,11 @@ UNBOUNDED_MAX_ACCURACY = 0.05
 """R4: an unbounded attack must succeed on >= 95% of the samples."""
 SQUARE_CHECK_QUERIES = 1000
 """R8: Square's budget when the suite has no black-box attack to reuse."""
-R8_MIN_COUNT, R8_MAX_FRACTION = 1, 0.0
-"""R8 fails at the first sample Square breaks that every white-box attack missed (AutoAttack's
-own check warns at any such sample)."""
+R8_MIN_COUNT, R8_MAX_FRACTION = 2, 0.01
+"""R8 fails when Square breaks at least 2 samples, and more than 1 %, that every white-box attack
+missed. AutoAttack's own check warns at any such sample; as a gate that made nearly every
+adversarially trained trial of a cheap search suite untrusted over a single sample (the count is
+recorded either way)."""
 ZERO_GRAD_MAX_FRACTION = 0.05
 """R11: tolerated fraction of samples with a zero or non-finite input gradient."""
 FGSM_TOL = 0.02

@@ -76,8 +76,10 @@ def make_scheduler(spec: StudySpec) -> TrialScheduler | None:
     if es.rule == "mo_asha":
         # Per-epoch reports carry every objective under its own name, measured on the
         # validation split (study.orchestration.runner._trainable).
+        from study.results.records import SEARCH_SPLIT, labelled
+
         return MultiObjectiveASHA(
-            list(spec.objectives),
+            [labelled(o, SEARCH_SPLIT) for o in spec.objectives],  # val_clean_accuracy, ...
             list(spec.directions),
             time_attr="epoch",
             grace_period=es.grace_epochs,
