@@ -140,9 +140,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what != "defenses":
         logging.getLogger("study.evaluation.checks").setLevel(logging.ERROR)
     if args.what == "defenses":
-        from study.bench.defenses import defense_rows
+        from study.bench.defenses import UnknownDefense, defense_rows
 
-        defense_rows(n_samples=args.n, epochs=args.epochs)
+        try:
+            defense_rows(n_samples=args.n, epochs=args.epochs, only=args.defense)
+        except UnknownDefense as err:
+            raise ConfigError(str(err)) from None
         return EXIT_OK
     if args.what == "overhead":
         from study.bench.overhead import bench_overhead, format_overhead
@@ -428,6 +431,7 @@ def build_parser() -> Parser:
     p.add_argument("--n", type=count, default=200, help="defenses: validation samples to attack (default 200)")
     p.add_argument("--epochs", type=count, help="defenses: epochs per trial (default: the demo's); "
                    "search: epochs per trial (9); overhead: epochs per trial (3)")
+    p.add_argument("--defense", help="defenses: only this defense's rows (none for the baseline)")
     p.add_argument("--batch", type=count, default=128, help="layers: batch size (default 128)")
     p.add_argument("--repeats", type=count, default=3, help="layers: timed repetitions per defense (default 3)")
     p.add_argument("--device", default=None, help="layers: cpu or cuda (default: cuda when present)")

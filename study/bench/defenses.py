@@ -20,14 +20,29 @@ log = logging.getLogger(__name__)
 ATTACKS = [{"name": "pgd", "steps": 20}, {"name": "autoattack"}, {"name": "square"}]
 
 
-def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Train and attack the baseline and every defense at its paper defaults (sequentially)."""
+class UnknownDefense(ValueError):
+    """``--defense`` names no defense of the demo's space (raised before anything trains)."""
+
+
+def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool = True,
+                 only: str | None = None) -> list[dict[str, Any]]:
+    """Train and attack the baseline and every defense at its paper defaults (sequentially).
+
+    ``only`` keeps one defense's rows (``none`` for the baseline): rerunning one row after a
+    change to that defense should not cost the whole table.
+    """
     from study.trial import run_trial
 
     spec = load_spec("demo")
     space = spec.conditional_space()
+    points = space.paper_default_configs()
+    if only is not None:
+        names = sorted({p["defense"] for p in points})
+        if only not in names:
+            raise UnknownDefense(f"--defense: unknown defense {only!r}; one of: {', '.join(names)}")
+        points = [p for p in points if p["defense"] == only]
     rows = []
-    for point in space.paper_default_configs():
+    for point in points:
         config = trial_config_for(spec, point, name=f"table-{point['defense']}")
         data = config.model_dump()
         data["eval"].update(n_samples=n_samples, attacks=ATTACKS, eps_curve=[0.1, 0.2, 0.3])
