@@ -15,6 +15,7 @@ from study.evaluation.checks import (
     Flag,
     check_batch_independence,
     check_black_box,
+    check_black_box_any,
     check_eps_curve,
     check_fgsm_vs_pgd,
     check_gradients,
@@ -205,10 +206,18 @@ def test_r8_counts_only_points_every_white_box_attack_missed():
     # would warn) but the gate needs >= 2 samples and > 1 %
     flag = check_black_box([pgd, fgsm], square)
     assert flag.values["count"] == 1 and flag.passed
+    # ... while the warning at AutoAttack's threshold (any sample) fires, without gating trust
+    warn = check_black_box_any(flag)
+    assert warn.id == "R8a" and not warn.passed and not warn.gate and "1/100" in warn.message
+    assert trusted([flag, warn])
     flag = check_black_box([pgd, fgsm], outcome("square", [i not in (0, 1, 2) for i in range(n)]))
     assert flag.values["count"] == 2 and not flag.passed and "2/100" in flag.message
+    assert not check_black_box_any(flag).passed
     flag = check_black_box([pgd, fgsm], outcome("square", [i != 0 for i in range(n)]))
     assert flag.values["count"] == 0 and flag.passed  # Square broke only what FGSM broke too
+    assert check_black_box_any(flag).passed
+    skipped = check_black_box([pgd], None)
+    assert check_black_box_any(skipped).passed and "skipped" in check_black_box_any(skipped).values
     flag = check_black_box([outcome("pgd", [True] * 300)], outcome("square", [i > 1 for i in range(300)]))
     assert flag.values["count"] == 2 and flag.passed  # 2 of 300 is not more than 1 %
     square = outcome("square", [i >= 5 for i in range(n)])
@@ -271,7 +280,7 @@ def test_run_checks_on_trained_model(trained, ctx):
                        eps_curve=[(0.0, 0.95), (0.2, outcomes[1].accuracy)], stochastic=False, max_abs_diff=0.0,
                        defense="none", recipe="standard")
     ids = [f.id for f in flags]
-    for rule in ("R1", "R2", "R4", "R7", "R8", "R11", "R12", "R15", "R17", "R18", "R19"):
+    for rule in ("R1", "R2", "R4", "R7", "R8", "R8a", "R11", "R12", "R15", "R17", "R18", "R19"):
         assert rule in ids
     by_id = {f.id: f for f in flags}
     assert by_id["R8"].values["black_box"] == ["square"] and by_id["R8"].values["n"] == 40
