@@ -46,9 +46,11 @@ __all__ = ["bench_overhead", "format_overhead", "overhead_spec", "sample_params"
 
 logger = logging.getLogger(__name__)
 
-#: Issue 6's targets: wall(b)/wall(a) on 2 cores, and framework seconds per trial.
-RATIO_TARGET = 0.65
-OVERHEAD_TARGET_S = 1.0
+#: Targets (issue 17, replacing issue 6's wall(b)/wall(a1) <= 0.65, which is below what even a
+#: perfect pool of whole trials reaches on 2 cores): the study's wall time against the perfect
+#: pool's on the same trials, and the framework seconds one more trial adds.
+POOL_RATIO_TARGET = 1.10
+OVERHEAD_TARGET_S = 0.5
 
 
 def overhead_spec(storage: str | Path, num_trials: int = 16, concurrency: int = 2, epochs: int = 3) -> StudySpec:
@@ -257,6 +259,7 @@ def bench_overhead(num_trials: int = 16, concurrency: int = 2, epochs: int = 3,
         "ratio_default_threads": wall_b / wall_a2,
         "pool_ratio": wall_p / wall_a1,
         "pool_ratio_default_threads": wall_p / wall_a2,
+        "study_vs_pool": wall_b / wall_p,
         "amortized_per_trial_s": (concurrency * wall_b - wall_a1) / num_trials,
         "overhead_vs_pool_per_trial_s": concurrency * (wall_b - wall_p) / num_trials,
         "loop_trial_s": sum(a["seconds"] for a in loop_results),
@@ -275,8 +278,8 @@ def bench_overhead(num_trials: int = 16, concurrency: int = 2, epochs: int = 3,
 
 
 def format_overhead(m: dict[str, Any]) -> str:
-    ratio_ok = "ok" if m["ratio"] <= RATIO_TARGET else "MISSED"
-    over_ok = "ok" if m["per_trial_overhead_s"] < OVERHEAD_TARGET_S else "MISSED"
+    pool_ok = "ok" if m["study_vs_pool"] <= POOL_RATIO_TARGET else "MISSED"
+    over_ok = "ok" if m["per_trial_overhead_s"] <= OVERHEAD_TARGET_S else "MISSED"
     c = m["concurrency"]
     part = m["per_trial"]
     return "\n".join([
@@ -289,8 +292,8 @@ def format_overhead(m: dict[str, Any]) -> str:
         f"{m['pool_ratio_default_threads']:6.2f}",
         f"(b)  study, concurrency {c}, MLflow:              {m['wall_study_s']:6.1f} s  {m['ratio']:6.2f}  "
         f"{m['ratio_default_threads']:6.2f}",
-        f"wall(b)/wall(a1): {m['ratio']:.2f}   target <= {RATIO_TARGET} {ratio_ok}",
-        f"framework cost per trial (what one more trial adds): {m['per_trial_overhead_s']:.2f} s (target < "
+        f"wall(b)/wall(p): {m['study_vs_pool']:.2f}   target <= {POOL_RATIO_TARGET} {pool_ok}",
+        f"framework cost per trial (what one more trial adds): {m['per_trial_overhead_s']:.2f} s (target <= "
         f"{OVERHEAD_TARGET_S} {over_ok})",
         f"  handover gaps {part['gap']:.2f} s + set-up in the trainable {part['setup']:.2f} s (per trial after a "
         f"slot's first), per-epoch reports {part['reports']:.2f} s, slower work than in the pool {part['slowdown']:.2f} s",
