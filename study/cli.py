@@ -143,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from study.bench.defenses import UnknownDefense, defense_rows
 
         try:
-            defense_rows(n_samples=args.n, epochs=args.epochs, only=args.defense)
+            defense_rows(n_samples=args.n, epochs=args.epochs, only=args.defense, recipe=args.recipe)
         except UnknownDefense as err:
             raise ConfigError(str(err)) from None
         return EXIT_OK
@@ -432,6 +432,7 @@ def build_parser() -> Parser:
     p.add_argument("--epochs", type=count, help="defenses: epochs per trial (default: the demo's); "
                    "search: epochs per trial (9); overhead: epochs per trial (3)")
     p.add_argument("--defense", help="defenses: only this defense's rows (none for the baseline)")
+    p.add_argument("--recipe", help="defenses: train the rows with this training recipe instead of the demo's")
     p.add_argument("--batch", type=count, default=128, help="layers: batch size (default 128)")
     p.add_argument("--repeats", type=count, default=3, help="layers: timed repetitions per defense (default 3)")
     p.add_argument("--device", default=None, help="layers: cpu or cuda (default: cuda when present)")

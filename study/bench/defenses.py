@@ -21,15 +21,18 @@ ATTACKS = [{"name": "pgd", "steps": 20}, {"name": "autoattack"}, {"name": "squar
 
 
 class UnknownDefense(ValueError):
-    """``--defense`` names no defense of the demo's space (raised before anything trains)."""
+    """``--defense`` or ``--recipe`` names no defense/recipe of the demo's space (raised before
+    anything trains)."""
 
 
 def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool = True,
-                 only: str | None = None) -> list[dict[str, Any]]:
+                 only: str | None = None, recipe: str | None = None) -> list[dict[str, Any]]:
     """Train and attack the baseline and every defense at its paper defaults (sequentially).
 
     ``only`` keeps one defense's rows (``none`` for the baseline): rerunning one row after a
-    change to that defense should not cost the whole table.
+    change to that defense should not cost the whole table. ``recipe`` trains every kept row
+    with that training recipe instead of the demo's (e.g. CAS with PGD-AT, as its paper trains
+    it, where the demo can afford only fast AT); the rows' labels carry the recipe that ran.
     """
     from study.trial import run_trial
 
@@ -41,6 +44,18 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
         if only not in names:
             raise UnknownDefense(f"--defense: unknown defense {only!r}; one of: {', '.join(names)}")
         points = [p for p in points if p["defense"] == only]
+    if recipe is not None:
+        from study.config import RECIPES as allowed
+        if recipe not in allowed:
+            raise UnknownDefense(f"--recipe: unknown recipe {recipe!r}; one of: {', '.join(allowed)}")
+        relabelled = []
+        for p in points:
+            p = {**p, "training.recipe": recipe}
+            if f"{p['defense']}.recipe" in p:  # a defense that names its own recipe (CAS)
+                p[f"{p['defense']}.recipe"] = recipe
+            if p not in relabelled:
+                relabelled.append(p)
+        points = relabelled
     rows = []
     for point in points:
         config = trial_config_for(spec, point, name=f"table-{point['defense']}")
