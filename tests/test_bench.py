@@ -64,3 +64,32 @@ def test_format_table(rows: list[dict]) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="batch=0"):
         bench_layers(batch=0)
+
+
+def test_bench_defenses_labels_say_what_trained(monkeypatch) -> None:
+    """`bench defenses --defense cas --recipe pgd_at`: the row trains CAS with PGD-AT (the demo spec
+    fixes CAS to fast AT) and its label and recipe column say so; unknown names are refused first."""
+    from types import SimpleNamespace
+
+    import study.trial
+    from study.bench.defenses import UnknownDefense, defense_rows
+
+    ran = []
+
+    def fake_run_trial(config):
+        ran.append(config)
+        return SimpleNamespace(attacks=[], status="completed", clean_accuracy=1.0, robust_accuracy=0.0,
+                               protocol=None, flags=[], trusted=True)
+
+    monkeypatch.setattr(study.trial, "run_trial", fake_run_trial)
+    rows = defense_rows(epochs=1, progress=False, only="cas", recipe="pgd_at")
+    assert [c.training.recipe for c in ran] == ["pgd_at"] and [c.model.defense for c in ran] == ["cas"]
+    assert rows[0]["recipe"] == "pgd_at" and rows[0]["params"]["recipe"] == "pgd_at"
+    assert rows[0]["params"]["adv_steps"] == ran[0].training.adv_steps
+    ran.clear()
+    rows = defense_rows(epochs=1, progress=False, only="none")
+    assert [c.training.recipe for c in ran] == [r["params"]["recipe"] for r in rows] == ["standard", "fast_at"]
+    for bad in ({"only": "nope"}, {"only": "cas", "recipe": "nope"}):
+        with pytest.raises(UnknownDefense):
+            defense_rows(progress=False, **bad)
+    assert len(ran) == 2  # nothing ran for the refused ones

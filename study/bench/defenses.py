@@ -63,13 +63,23 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
         data["eval"].update(n_samples=n_samples, attacks=ATTACKS, eps_curve=[0.1, 0.2, 0.3])
         if epochs is not None:
             data["training"]["epochs"] = epochs
+        if recipe is not None:
+            # After the config is built: a defense's recipe fixed by the demo spec (CAS: fast_at)
+            # wins over the point's inside trial_config_for.
+            data["training"]["recipe"] = recipe
         config = TrialConfig.model_validate(data)
+        if point.get("training.recipe", config.training.recipe) != config.training.recipe:
+            raise RuntimeError(f"row label says recipe={point['training.recipe']} but the trial would train with "
+                               f"{config.training.recipe}")
         start = time.perf_counter()
         result = run_trial(config)
         per_attack = {a["name"]: a["accuracy"] for a in result.attacks}
         row = {
             "defense": point["defense"],
-            "params": {k.split(".", 1)[1]: v for k, v in point.items() if k != "defense"},
+            "params": {**{k.split(".", 1)[1]: v for k, v in point.items() if k != "defense"},
+                       # a multi-step training attack's budget is part of what ran
+                       **({"adv_steps": config.training.adv_steps}
+                          if config.training.recipe in ("pgd_at", "trades", "mart") else {})},
             "recipe": config.training.recipe,
             "status": result.status,
             "clean": result.clean_accuracy,
