@@ -111,6 +111,8 @@ def test_search_training_can_narrow_choices_and_ranges():
     ({"recipe": ["pgd"]}, "non-empty subset"),
     ({"adv_eps": [0.5, 0.6]}, "0.01 <= low <= high <= 0.3"),
     ({"adv_eps": [0.2]}, "[low, high]"),
+    # An epoch count is an integer: 5.5 is not truncated to 5.
+    ({"epochs": [5.5, 10]}, "training.epochs: [5.5, 10] must be [low, high] with integers 5 <= low <= high <= 60"),
     ({"nope": None}, "unknown training parameter"),
 ])
 def test_bad_narrowing_is_one_clear_line(narrowing, words):
