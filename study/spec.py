@@ -302,7 +302,7 @@ class StudySpec(_Strict):
             if name not in TRAINING_SPACE.param_names:
                 raise ValueError(f"unknown training parameter {show(name)}; allowed: {', '.join(TRAINING_SPACE.param_names)}")
             if narrowed is not None:
-                _narrow(TRAINING_SPACE.param(name), narrowed)
+                _training_override(name, narrowed)
         return value
 
     @field_validator("objectives")
@@ -348,96 +348,73 @@ class StudySpec(_Strict):
 
     def conditional_space(self) -> Any:
         """The search space: defense first, then its parameters (search_spaces.ConditionalSpace)."""
-        from search_spaces import TRAINING_SPACE, ConditionalSpace, DefenseSpace, Fixed
+        from search_spaces import ConditionalSpace
 
-        training_space = None
-        if self.search_training:
-            # Only the searched training parameters enter the space; the rest stay as fixed in
-            # `training` (the recipe is kept as a Fixed entry: other parameters depend on it).
-            keep = set(self.search_training) | {"recipe"}
-            params = tuple(
-                _narrow(p, self.search_training[p.name]) if p.name in self.search_training
-                else Fixed("recipe", self.training.recipe)
-                for p in TRAINING_SPACE.params
-                if p.name in keep
-            )
-            params = _prune_relations(params)
-            # The enqueued defaults start from the training values the spec states (the user's
-            # starting point) where the searched range holds them, else from the space's defaults.
-            given = self.training.model_dump(include=self.training.model_fields_set)
-            defaults = {p.name: _default_inside(p, given[p.name] if p.contains(given.get(p.name))
-                                                else TRAINING_SPACE.defaults.get(p.name)) for p in params}
-            if "recipe" not in self.search_training:
-                defaults["recipe"] = self.training.recipe
-            training_space = DefenseSpace(
-                name="training", params=params, defaults=defaults,
-                description=TRAINING_SPACE.description, paper=TRAINING_SPACE.paper,
-            )
         return ConditionalSpace(
             defenses=tuple(self.defenses),
             include_baseline=self.include_baseline,
             overrides={k: v for k, v in self.defenses.items() if v},
-            training=training_space,
+            training=self._training_space() if self.search_training else None,
             defaults_per_recipe=self.paper_defaults_per_recipe,
         )
 
+    def _training_space(self) -> Any:
+        """search_spaces.TRAINING_SPACE restricted to search_training (a DefenseSpace)."""
+        import dataclasses
 
-def _narrow(param: Any, narrowed: list[Any] | None) -> Any:
-    """``param`` restricted to a spec's narrowing: a subset of its choices, or [low, high] inside its range."""
-    import dataclasses
+        from search_spaces import TRAINING_SPACE, DefenseSpace
 
-    from search_spaces import Categorical
+        # Only the searched training parameters enter the space; the rest stay as fixed in
+        # `training` (the recipe always: other parameters depend on it; fixed unless searched).
+        keep = set(self.search_training) | {"recipe"}
+        searched = DefenseSpace(
+            name="training",
+            params=tuple(p for p in TRAINING_SPACE.params if p.name in keep),
+            defaults={n: v for n, v in TRAINING_SPACE.defaults.items() if n in keep},
+            description=TRAINING_SPACE.description,
+            paper=TRAINING_SPACE.paper,
+        )
+        overrides = {
+            name: _training_override(name, narrowed)
+            for name, narrowed in self.search_training.items()
+            if narrowed is not None
+        }
+        if "recipe" not in self.search_training:
+            overrides["recipe"] = self.training.recipe
+        space = searched.restrict(overrides)
+        # The enqueued defaults start from the training values the spec states (the user's
+        # starting point) where the searched range holds them, else from the space's defaults.
+        stated = self.training.model_dump(include=self.training.model_fields_set)
+        inside = {n: v for n, v in stated.items() if n in space.param_names and space.param(n).contains(v)}
+        return dataclasses.replace(space, defaults={**space.defaults, **inside})
 
-    if narrowed is None:
-        return param
+
+def _training_override(name: str, narrowed: list[Any]) -> Any:
+    """A spec's narrowing of a training parameter (a subset of its choices, or [low, high] inside its
+    range) as the parameter DefenseSpace.restrict takes; ValueError naming search_training.<name> if it
+    is not one."""
+    from search_spaces import TRAINING_SPACE, Categorical, Int
+
+    param = TRAINING_SPACE.param(name)
     if isinstance(param, Categorical):
-        bad = [c for c in narrowed if not param.contains(c)]
-        if bad or not narrowed:
-            raise ValueError(f"search_training.{param.name}: {show(narrowed)} must be a non-empty subset of {list(param.choices)}")
-        return dataclasses.replace(param, choices=tuple(narrowed))
-    if (not isinstance(narrowed, list) or len(narrowed) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in narrowed)
-            or not (param.low <= narrowed[0] <= narrowed[1] <= param.high)):
-        raise ValueError(f"search_training.{param.name}: {show(narrowed)} must be [low, high] with "
-                         f"{param.low:g} <= low <= high <= {param.high:g}")
+        allowed = f"a non-empty subset of {list(param.choices)}"
+    else:
+        integers = "integers " if isinstance(param, Int) else ""
+        allowed = f"[low, high] with {integers}{param.low:g} <= low <= high <= {param.high:g}"
     try:
-        return dataclasses.replace(param, low=type(param.low)(narrowed[0]), high=type(param.high)(narrowed[1]))
-    except ValueError as err:  # e.g. a step grid the narrowed range does not fit
-        raise ValueError(f"search_training.{param.name}: {err}") from None
-
-
-def _prune_relations(params: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Keep ``when`` relations consistent with narrowed choices: a parameter active only for
-    recipes that are no longer searched (adv_steps when the recipes are standard and fast_at) drops out."""
-    import dataclasses
-
-    from search_spaces import Categorical
-
-    choices = {p.name: p.choices for p in params if isinstance(p, Categorical)}
-    kept = []
-    for p in params:
-        when = getattr(p, "when", None)
-        if when is not None and when[0] in choices:
-            values = tuple(v for v in when[1] if v in choices[when[0]])
-            if not values:
-                continue
-            p = dataclasses.replace(p, when=(when[0], values))
-        kept.append(p)
-    return tuple(kept)
-
-
-def _default_inside(param: Any, default: Any) -> Any:
-    """The space's default, moved inside a narrowed parameter (its first choice or its low end, as
-    DefenseSpace.restrict does): the enqueued paper-default trial must be a point of the searched space."""
-    from search_spaces import Categorical, Fixed
-
-    if default is None or param.contains(default):
-        return default
-    if isinstance(param, Fixed):
-        return param.value
-    if isinstance(param, Categorical):
-        return param.choices[0]
-    return param.low
+        if isinstance(param, Categorical):
+            override: Any = Categorical(name, tuple(narrowed))
+        else:
+            if len(narrowed) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in narrowed):
+                raise ValueError(allowed)
+            # YAML's 10.0 is the integer 10 (as pydantic reads it), 10.5 is no epoch count.
+            low, high = (int(v) if isinstance(param, Int) and isinstance(v, float) and v.is_integer() else v for v in narrowed)
+            override = type(param)(name, low, high, log=param.log, step=param.step)
+        TRAINING_SPACE.restrict({name: override})
+    except ValueError:
+        # The space's reasons name one bound or choice; the user needs the whole allowed form.
+        raise ValueError(f"search_training.{name}: {show(narrowed)} must be {allowed}") from None
+    return override
 
 
 def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "trial") -> TrialConfig:

@@ -111,6 +111,8 @@ def test_search_training_can_narrow_choices_and_ranges():
     ({"recipe": ["pgd"]}, "non-empty subset"),
     ({"adv_eps": [0.5, 0.6]}, "0.01 <= low <= high <= 0.3"),
     ({"adv_eps": [0.2]}, "[low, high]"),
+    # An epoch count is an integer: 5.5 is not truncated to 5.
+    ({"epochs": [5.5, 10]}, "training.epochs: [5.5, 10] must be [low, high] with integers 5 <= low <= high <= 60"),
     ({"nope": None}, "unknown training parameter"),
 ])
 def test_bad_narrowing_is_one_clear_line(narrowing, words):
@@ -131,6 +133,13 @@ def test_a_list_of_names_still_works_and_default_moves_inside_a_narrowed_range()
     spec = _demo(defenses=["kap"], training={"recipe": "fast_at", "adv_eps": 0.28},
                  search_training={"adv_eps": [0.25, 0.3]})
     assert spec.conditional_space().training.defaults["adv_eps"] == 0.28
+    # A stated value outside the range gives way to the space's default (0.1) where that is inside;
+    # the recipe, not searched, is fixed to the stated one.
+    spec = _demo(defenses=["kap"], training={"recipe": "fast_at", "adv_eps": 0.28},
+                 search_training={"adv_eps": [0.05, 0.2]})
+    training = spec.conditional_space().training
+    assert training.defaults == {"recipe": "fast_at", "adv_eps": 0.1}
+    assert training.param("recipe").to_dict() == {"type": "fixed", "name": "recipe", "value": "fast_at"}
 
 
 # -- importances ---------------------------------------------------------------------------------

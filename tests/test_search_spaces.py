@@ -350,6 +350,62 @@ def test_restrict_narrows_ranges_and_choices():
     json.dumps(narrow.to_dict())
 
 
+def _three_modes():
+    # "mode" controls only_a, a_or_b and scale_a; "chained" hangs on only_a, "bounded" is
+    # at_most scale_a.
+    return DefenseSpace(
+        "toy",
+        (
+            Categorical("mode", ("a", "b", "c")),
+            Categorical("only_a", ("x", "y"), when=("mode", ("a",))),
+            Int("a_or_b", 1, 5, when=("mode", ("a", "b"))),
+            Float("chained", 0.0, 1.0, when=("only_a", ("x",))),
+            Float("scale_a", 0.0, 1.0, when=("mode", ("a",))),
+            Float("bounded", 0.0, 1.0, at_most="scale_a"),
+        ),
+        {"mode": "a", "only_a": "x", "a_or_b": 3, "chained": 0.5, "scale_a": 0.5, "bounded": 0.25},
+    )
+
+
+def test_restrict_drops_dependants_of_narrowed_away_choices():
+    space = _three_modes()
+    narrow = space.restrict({"mode": Categorical("mode", ("b",))})
+    # only_a and scale_a were active only for "a" (removed): they leave, with "chained", which
+    # hangs on only_a; "bounded" stays but loses its at_most (scale_a is never set).
+    # a_or_b keeps only "b".
+    assert narrow.param_names == ("mode", "a_or_b", "bounded")
+    assert narrow.param("a_or_b").when == ("mode", ("b",))
+    assert narrow.param("bounded").at_most is None
+    # The default mode "a" is no longer a choice: the first (only) one, "b".
+    assert narrow.defaults == {"mode": "b", "a_or_b": 3, "bounded": 0.25}
+    values = narrow.suggest(FakeTrial(pick_high))
+    assert values == {"mode": "b", "a_or_b": 5, "bounded": 1.0}
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['only_a'\]"):
+        narrow.validate({**values, "only_a": "x"})
+    # Every when value still a choice: the relations are unchanged.
+    both = space.restrict({"mode": Categorical("mode", ("a", "b"))})
+    assert both.param_names == space.param_names and both.defaults == space.defaults
+    assert both.param("a_or_b").when == ("mode", ("a", "b"))
+    assert both.param("only_a").when == ("mode", ("a",)) and both.param("bounded").at_most == "scale_a"
+
+
+def test_restrict_leaves_dependants_of_a_fixed_controller_in_place():
+    # A fixed value keeps every dependant (inactive ones simply never become active).
+    fixed = _three_modes().restrict({"mode": "c"})
+    assert fixed.param_names == _three_modes().param_names
+    assert fixed.param("only_a").when == ("mode", ("a",)) and fixed.param("bounded").at_most == "scale_a"
+    assert fixed.suggest(FakeTrial(pick_low)) == {"mode": "c", "bounded": 0.0}
+
+
+def test_restrict_narrows_the_training_recipe_and_its_dependants():
+    narrow = TRAINING_SPACE.restrict({"recipe": Categorical("recipe", ("standard", "fast_at", "trades"))})
+    # noise_sigma (noise) and, of the adversarial recipes, all but fast_at and trades go.
+    assert "noise_sigma" not in narrow.param_names and "noise_sigma" not in narrow.defaults
+    assert narrow.param("adv_eps").when == ("recipe", ("fast_at", "trades"))
+    assert narrow.param("adv_steps").when == ("recipe", ("trades",))
+    assert narrow.param("trades_beta").when == ("recipe", ("trades",))
+
+
 # -- DefenseSpace.suggest --------------------------------------------------------------------
 
 

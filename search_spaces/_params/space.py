@@ -27,6 +27,28 @@ Constraint = tuple[str, Callable[[Mapping[str, Any]], bool]]
 
 
 
+def _prune_when(params: list[Param]) -> tuple[list[Param], set[str]]:
+    """``params`` with ``when`` relations narrowed to their Categorical's choices, and the names
+    of the parameters that can no longer be active (left out)."""
+    kept: dict[str, Param] = {}
+    dropped: set[str] = set()
+    for p in params:
+        if p.when is not None:
+            ref_name, values = p.when
+            ref = kept.get(ref_name)
+            if isinstance(ref, Categorical):
+                values = tuple(v for v in values if ref.contains(v))
+            if ref_name in dropped or not values:
+                dropped.add(p.name)
+                continue
+            if values != p.when[1]:
+                p = dataclasses.replace(p, when=(ref_name, values))
+        if not isinstance(p, Categorical) and p.at_most in dropped:
+            p = dataclasses.replace(p, at_most=None)
+        kept[p.name] = p
+    return list(kept.values()), dropped
+
+
 def _numeric_range(p: Param) -> tuple[float, float] | None:
     if isinstance(p, (Float, Int)):
         return (p.low, p.high)
@@ -222,6 +244,12 @@ class DefenseSpace:
                 default if it lies in the narrowed range, else the narrowed range's low end /
                 first choice).
 
+        A parameter whose ``when`` names a narrowed :class:`Categorical` keeps only the values
+        still among its choices; with none left it can never be active and leaves the space
+        with its default (as does anything whose ``when`` names it, and an ``at_most`` naming
+        it is dropped: it never bounds anything). A controlling parameter fixed to one value
+        leaves its dependants in place, inactive, as a space may declare them.
+
         Raises:
             ValueError: on unknown names, invalid values, widened ranges, or when the resulting
                 defaults break a cross-parameter rule (then fix the related parameter too).
@@ -243,6 +271,9 @@ class DefenseSpace:
             new, default = self._narrow(p, overrides[p.name])
             params.append(new)
             defaults[p.name] = default
+        params, dropped = _prune_when(params)
+        for name in dropped:
+            del defaults[name]
         try:
             return dataclasses.replace(self, params=tuple(params), defaults=defaults)
         except ValueError as e:
