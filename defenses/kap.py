@@ -40,11 +40,12 @@ __all__ = [
 KAP_DIMS: tuple[int, ...] = (1, 2)
 KAP_MODES: tuple[str, ...] = ("avg", "max")
 
-#: How the network is widened for a strided KAP (Bashivan et al., appendix A.3). "area": by the
-#: factor KAP removes (S in 1D, S^2 in 2D), so every layer keeps its nominal number of ensembles;
-#: "stride": the appendix's words ("by the same factor as the KAP kernel size", S = K there) taken
-#: literally, S also in 2D, so after each 2D KAP the network is S times narrower than nominal.
-KAP_WIDENINGS: tuple[str, ...] = ("area", "stride")
+#: How the network is widened for KAP (Bashivan et al., appendix A.3: "by the same factor as the
+#: KAP kernel size"). "area": by the factor KAP removes (S in 1D, S^2 in 2D), so every layer keeps
+#: its nominal number of ensembles; "stride": by S also in 2D (the sentence's factor when S = K), so
+#: after each 2D KAP the network is S times narrower than nominal; "kernel": the sentence word for
+#: word, every conv widened by K whatever S is (with S = 1 the whole network is K times wider).
+KAP_WIDENINGS: tuple[str, ...] = ("area", "stride", "kernel")
 
 
 def _check_int(name: str, value: object, low: int) -> None:
@@ -95,25 +96,32 @@ def channel_grid(channels: int, stride: int = 1) -> tuple[int, int]:
     )
 
 
-def kap_width_factor(stride: int, dims: int, widen: str = "area") -> int:
-    """Factor by which the conv before a strided KAP is widened.
+def kap_width_factor(stride: int, dims: int, widen: str = "area", kernel_size: int | None = None) -> int:
+    """Factor by which the conv before a KAP is widened.
 
     KAP with stride S divides the channels by S (1D) or S^2 (2D); Bashivan et al. (appendix A.3)
     widen the network "by the same factor" so each layer keeps the same number of kernel ensembles
-    (``widen="area"``). ``widen="stride"`` takes the appendix's words literally: S in 2D too.
+    (``widen="area"``). ``widen="stride"`` widens by S in 2D too; ``widen="kernel"`` by the kernel
+    size K, as the appendix's sentence reads word for word.
 
     Args:
         stride: KAP stride S >= 1.
         dims: 1 or 2.
         widen: one of :data:`KAP_WIDENINGS`.
+        kernel_size: KAP kernel size K (needed by ``widen="kernel"`` only).
 
     Returns:
-        S for dims=1; for dims=2, S**2 ("area") or S ("stride").
+        "kernel": K; otherwise S for dims=1 and, for dims=2, S**2 ("area") or S ("stride").
     """
     _check_stride(stride)
     _check_dims(dims)
     if widen not in KAP_WIDENINGS:
         raise ValueError(f"widen={widen!r} must be one of {list(KAP_WIDENINGS)}")
+    if widen == "kernel":
+        if kernel_size is None:
+            raise ValueError("widen='kernel' needs the kernel_size")
+        _check_int("kernel_size", kernel_size, 1)
+        return kernel_size
     return stride if dims == 1 or widen == "stride" else stride**2
 
 
@@ -382,15 +390,17 @@ def _place_kap(params: Mapping[str, Any], num_classes: int) -> LayerSet:
 
     ``widen="stride"`` (2D): the convs are widened by S only. In backbone terms the nominal
     widths shrink by S (``width_scale`` 1/S) and the convs are widened by S^2 from there, so a
-    conv has S x its original channels and KAP leaves original / S.
+    conv has S x its original channels and KAP leaves original / S. ``widen="kernel"``: likewise
+    with K in place of S (``width_scale`` K / S^2 in 2D, K / S in 1D).
     """
     kap_kwargs = pick(params, ("kernel_size", "stride", "dims", "mode", "count_include_pad"))
     KernelAveragePool(**kap_kwargs)  # validate once, before building a whole network
     stride = kap_kwargs.get("stride", default_of(KernelAveragePool, "stride"))
     dims = kap_kwargs.get("dims", default_of(KernelAveragePool, "dims"))
+    kernel_size = kap_kwargs.get("kernel_size", default_of(KernelAveragePool, "kernel_size"))
     widen = params.get("widen", "area")
     factor = kap_width_factor(stride, dims)  # what KAP removes; the conv width relative to nominal
-    width_scale = kap_width_factor(stride, dims, widen) / factor
+    width_scale = kap_width_factor(stride, dims, widen, kernel_size) / factor
     sigma = nonneg_float(params, "sigma", KAP_SIGMA)
     at_eval = flag(params, "noise_at_eval", False)
 

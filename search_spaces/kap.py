@@ -9,8 +9,8 @@ Paper defaults: the paper uses sigma in {0, 0.1, 0.2} (0.1 here), a mean filter 
 kernel size K = 3 is our default for the 1..4 range and is the value to confirm against the
 paper's appendix. Stride S > 1 shrinks the channels (by S in 1D, S^2 in 2D) and is compensated by
 widening the preceding conv (paper appendix A.3): by S^2 in 2D (``widen: area``, the default:
-every layer keeps its nominal number of ensembles) or by S as the appendix words it
-(``widen: stride``), see docs/defenses.md.
+every layer keeps its nominal number of ensembles), by S (``widen: stride``), or by the kernel
+size K as the appendix words it (``widen: kernel``), see docs/defenses.md.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ SPACE = DefenseSpace(
         Float("sigma", 0.0, 0.3),
         Categorical("dims", (1, 2)),
         Categorical("mode", ("avg", "max")),
-        # The two readings of the widening rule differ only in 2D (1D: both widen by S).
-        Categorical("widen", ("area", "stride"), when=("dims", (2,))),
+        # "area" and "stride" differ only in 2D (1D: both widen by S); "kernel" (K, the appendix's
+        # words) is searched in 2D with them; in 1D it is set in a trial config.
+        Categorical("widen", ("area", "stride", "kernel"), when=("dims", (2,))),
     ),
     defaults={"kernel_size": 3, "stride": 1, "sigma": 0.1, "dims": 2, "mode": "avg", "widen": "area"},
     description=(

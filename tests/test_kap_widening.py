@@ -37,8 +37,12 @@ def test_width_factor_of_both_readings():
     assert kap_width_factor(3, 2) == 9 and kap_width_factor(3, 2, "area") == 9  # S^2
     assert kap_width_factor(3, 2, "stride") == 3  # S
     assert kap_width_factor(3, 1, "area") == kap_width_factor(3, 1, "stride") == 3  # 1D: S either way
-    with pytest.raises(ValueError, match=r"widen='kernel' must be one of \['area', 'stride'\]"):
+    # "kernel": the appendix's sentence word for word, K whatever S and dims are
+    assert kap_width_factor(1, 2, "kernel", kernel_size=3) == 3 and kap_width_factor(2, 1, "kernel", kernel_size=4) == 4
+    with pytest.raises(ValueError, match="widen='kernel' needs the kernel_size"):
         kap_width_factor(2, 2, "kernel")
+    with pytest.raises(ValueError, match=r"widen='k' must be one of \['area', 'stride', 'kernel'\]"):
+        kap_width_factor(2, 2, "k")
 
 
 def test_small_cnn_channel_counts_area_reading():
@@ -48,6 +52,18 @@ def test_small_cnn_channel_counts_area_reading():
     assert _conv_out(model) == [128, 256, 512]
     assert _fc_in(model) == [128]
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_small_cnn_channel_counts_kernel_reading():
+    # K = 3, S = 1 (the space's defaults), 2D: KAP removes nothing, each conv is widened by K = 3:
+    # 32*3 = 96, 64*3 = 192, 128*3 = 384, kept by KAP, so the classifier sees 384 features.
+    model = _kap("small_cnn", 1, kernel_size=3, stride=1, widen="kernel")
+    assert _conv_out(model) == [96, 192, 384]
+    assert _fc_in(model) == [384]
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    # K = S = 2: the same network as the "stride" reading (64, 128, 256; KAP / 4 -> classifier 64).
+    model = _kap("small_cnn", 1, widen="kernel")
+    assert _conv_out(model) == [64, 128, 256] and _fc_in(model) == [64]
 
 
 def test_small_cnn_channel_counts_literal_reading():
@@ -79,5 +95,5 @@ def test_stride_one_is_the_same_network_under_both_readings():
 
 
 def test_bad_widen_is_one_clear_error():
-    with pytest.raises(ValueError, match=r"widen='s' must be one of \['area', 'stride'\]"):
+    with pytest.raises(ValueError, match=r"widen='s' must be one of \['area', 'stride', 'kernel'\]"):
         _kap("small_cnn", 1, widen="s")
