@@ -79,7 +79,7 @@ def test_bench_defenses_labels_say_what_trained(monkeypatch) -> None:
     def fake_run_trial(config):
         ran.append(config)
         return SimpleNamespace(attacks=[], status="completed", clean_accuracy=1.0, robust_accuracy=0.0,
-                               protocol=None, flags=[], trusted=True)
+                               protocol=None, flags=[], trusted=True, reached={})
 
     monkeypatch.setattr(study.trial, "run_trial", fake_run_trial)
     rows = defense_rows(epochs=1, progress=False, only="cas", recipe="pgd_at")
@@ -89,6 +89,12 @@ def test_bench_defenses_labels_say_what_trained(monkeypatch) -> None:
     ran.clear()
     rows = defense_rows(epochs=1, progress=False, only="none")
     assert [c.training.recipe for c in ran] == [r["params"]["recipe"] for r in rows] == ["standard", "fast_at"]
+    # The gamma a k-WTA schedule reached is printed beside the target in the label.
+    from study.bench.defenses import format_rows
+
+    row = {**rows[0], "defense": "kwta", "params": {"gamma": 0.1}, "reached": {"kwta_gamma_reached": 0.125},
+           "extra": {}, "seconds": 1.0}
+    assert "kwta (gamma=0.1, kwta_gamma_reached=0.125)" in format_rows([row])
     for bad in ({"only": "nope"}, {"only": "cas", "recipe": "nope"}):
         with pytest.raises(UnknownDefense):
             defense_rows(progress=False, **bad)

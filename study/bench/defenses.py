@@ -87,6 +87,8 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
             "autoattack": per_attack.get("autoattack"),
             "square": per_attack.get("square"),
             "robust": result.robust_accuracy,
+            # What the schedule left in the model (k-WTA's gamma), beside the label's target.
+            "reached": dict(getattr(result, "reached", None) or {}),
             "extra": {
                 **{k: v for k, v in per_attack.items() if k not in ("pgd", "autoattack", "square")},
                 # KAP protocol: the other configuration's number (noise on + EOT, or noise off)
@@ -116,7 +118,8 @@ def format_rows(rows: list[dict[str, Any]], header: bool = True) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     for r in rows:
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        params = ", ".join([f"{k}={v}" for k, v in r["params"].items()]
+                           + [f"{k}={v:g}" for k, v in r.get("reached", {}).items()])
         extra = ", ".join(f"{k} {_pct(v)}" for k, v in r["extra"].items()) or "–"
         lines.append(
             f"| {r['defense']} ({params or 'undefended'}) | {r['recipe']} | {_pct(r['clean'])} | {_pct(r['pgd'])} | "
