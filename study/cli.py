@@ -135,7 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     # Benchmarks run for minutes: show their progress lines, not every trial's integrity warnings
     # (the trials they run are measured, not judged).
-    for name in ("study.bench.layers", "study.bench.overhead", "study.bench.search", "study.bench.evaluation", "study.bench.load"):
+    for name in ("study.bench.layers", "study.bench.overhead", "study.bench.search", "study.bench.evaluation", "study.bench.load",
+                 "study.bench.scale"):
         logging.getLogger(name).setLevel(logging.INFO)
     if args.what != "defenses":
         logging.getLogger("study.evaluation.checks").setLevel(logging.ERROR)
@@ -160,6 +161,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if (storage / "bench_load").exists():
             raise ConfigError(f"--storage: {storage / 'bench_load'} already exists; remove it or choose another --storage")
         print(format_load(bench_load(num_trials=args.trials or 100, concurrency=args.concurrency, storage=storage)))
+        return EXIT_OK
+    if args.what == "scale":
+        from study.bench.scale import bench_scale, format_scale
+
+        print(format_scale(bench_scale(num_trials=args.trials or 2000, concurrency=args.concurrency)))
         return EXIT_OK
     if args.what == "search":
         from study.bench.search import bench_search, format_search
@@ -367,6 +373,7 @@ BENCHMARKS: dict[str, str] = {
     "search": "hypervolume per sampler after n trials and core-seconds to reach random search's",
     "evaluation": "search cheap/verify strong against strong on every trial",
     "load": "100 tiny trials, audited",
+    "scale": "2,000 synthetic trials through the real driver: time per trial, memory, sampler cost, audit",
 }
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
@@ -437,8 +444,8 @@ def build_parser() -> Parser:
     p.add_argument("--repeats", type=count, default=3, help="layers: timed repetitions per defense (default 3)")
     p.add_argument("--device", default=None, help="layers: cpu or cuda (default: cuda when present)")
     p.add_argument("--trials", type=count, help="overhead: trials (16); load: trials (100); search: at most this "
-                   "many trials (64)")
-    p.add_argument("--concurrency", type=count, default=2, help="overhead, load: trials at once (default 2)")
+                   "many trials (64); scale: trials (2000)")
+    p.add_argument("--concurrency", type=count, default=2, help="overhead, load, scale: trials at once (default 2)")
     p.add_argument("--seeds", type=count, default=3, help="search: seeds per sampler (default 3)")
     p.add_argument("--budget", type=fraction, default=1.0, help="search: core-seconds a search with early stopping "
                    "may spend, as a fraction of random search's over --trials trials (default 1.0)")

@@ -34,8 +34,14 @@ TUNE_DIR = "tune"
 # --------------------------------------------------------------------------- the trainable
 
 
-def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: str | None = None) -> None:
-    """Ray Tune function trainable: one trial, reported per epoch and once more at the end."""
+def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: str | None = None,
+               trial_fn: Any = None) -> None:
+    """Ray Tune function trainable: one trial, reported per epoch and once more at the end.
+
+    ``trial_fn`` stands in for :func:`study.trial.run_trial` (same signature and result): only
+    benchmarks pass one (``bench scale``'s synthetic trial), so that everything around the trial
+    runs as in a real study.
+    """
     started_at = time.time()
     if tracking_uri:
         # The driver's store, not whatever this node's environment says: MLflow code in the
@@ -93,7 +99,7 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
         report_seconds += time.perf_counter() - t0
 
-    result = run_trial(config, on_epoch=on_epoch, resume=resume, data=data)
+    result = (trial_fn or run_trial)(config, on_epoch=on_epoch, resume=resume, data=data)
     split = result.split  # val: the spec requires a validation split
     final = {
         labelled("clean_accuracy", split): result.clean_accuracy,
@@ -272,14 +278,15 @@ def start_ray_and_tracking(spec: StudySpec, uri: str, target: RayTarget | None =
 
 def run_study(
     spec: StudySpec, *, resume: bool = False, progress: bool = True, enqueue: list[dict[str, Any]] | None = None,
-    address: str | None = None, tracking_uri: str | None = None,
+    address: str | None = None, tracking_uri: str | None = None, trial_fn: Any = None,
 ) -> StudyOutcome:
     """Run (or resume) a study to completion and write its artifacts.
 
     ``enqueue`` replaces the paper defaults as the configurations tried first (see make_searcher).
     ``address``: the command line's ``--address``, ahead of the spec's and RAY_ADDRESS.
     ``tracking_uri`` (``--tracking-uri``) comes before the spec's and the environment's; a
-    resumed study keeps the store it started with (its runs are there).
+    resumed study keeps the store it started with (its runs are there). ``trial_fn``: see
+    :func:`_trainable` (benchmarks only).
     """
     from study import storage as store
 
@@ -346,7 +353,8 @@ def run_study(
         store.upload(spec.storage, spec.name)
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, spec_data=spec.model_dump(mode="json"), tracking_uri=uri),
+        tune.with_parameters(_trainable, spec_data=spec.model_dump(mode="json"), tracking_uri=uri,
+                             trial_fn=trial_fn),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     if resume and tune.Tuner.can_restore(tune_path):

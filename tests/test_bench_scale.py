@@ -1,0 +1,122 @@
+"""bench scale: its summaries on hand-made inputs, its synthetic trial, and a short real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from study import cli
+from study.bench import scale
+
+
+def test_windows_are_the_mean_interval_between_tells_over_the_window() -> None:
+    # 21 tells: 1 s apart for the first 10 intervals, 3 s apart for the last 10.
+    times = [float(i) for i in range(11)] + [10.0 + 3 * k for k in range(1, 11)]
+    windows = scale.window_rates(times, size=5, points=1)
+    # First window: tells 1..6 -> (5 - 0) / 5; last: tells 16..21 -> (t[20] - t[15]) / 5 = (40 - 25) / 5.
+    assert windows[0] == {"from": 1, "to": 6, "seconds_per_trial": 1.0}
+    assert windows[-1] == {"from": 16, "to": 21, "seconds_per_trial": 3.0}
+    # The middle window starts at 1 + round(1 * (21 - 1 - 5) / 2) = 9: intervals t[8]..t[13] = 8, 9, 10, 13, 16, 19.
+    assert windows[1] == {"from": 9, "to": 14, "seconds_per_trial": (19.0 - 8.0) / 5}
+    assert scale.window_rates(times[:5], size=5) == []
+
+
+def test_memory_summary_reports_the_second_half_slope_per_thousand_trials() -> None:
+    mib = 2**20
+    # 100 MB flat for 10 tells, then +2 MB per tell for the next 10.
+    rss = [100 * mib] * 10 + [(100 + 2 * k) * mib for k in range(1, 11)]
+    m = scale.memory_summary(rss, size=5)
+    assert m["first_mb"] == 100 and m["after_window_mb"] == 100 and m["end_mb"] == 120 and m["peak_mb"] == 120
+    assert m["middle_mb"] == 102  # rss[10]
+    assert m["second_half_mb_per_1000"] == pytest.approx(2000.0)  # 2 MB per tell over tells 10..19
+
+
+def test_sampler_buckets_and_the_onset_of_growth() -> None:
+    calls = [(0.0, 0.01), (5.0, 0.03), (10.0, 0.10), (20.0, 0.10), (60.0, 0.15), (120.0, 0.30), (130.0, 0.50)]
+    buckets = scale.sampler_buckets(calls, [0, 10, 50, 100, 200])
+    assert [(b["from"], b["n"]) for b in buckets] == [(0, 2), (10, 2), (50, 1), (100, 2)]
+    assert buckets[0]["mean_s"] == pytest.approx(0.02) and buckets[3]["max_s"] == 0.5
+    assert buckets[3]["mean_s"] == pytest.approx(0.4)
+    # Baseline 0.10 s (10-49): 50-99 is 1.5x, 100-199 is 4x -> growth from 100 finished trials.
+    assert scale.growth_onset(buckets, buckets[1]) == 100
+    assert scale.growth_onset(buckets, buckets[1], factor=5.0) is None
+    assert scale.bucket_edges(1000) == [0, 10, 50, 100, 250, 500, 1001]
+    assert scale.bucket_edges(2000) == [0, 10, 50, 100, 250, 500, 1000, 1500, 2001]
+
+
+def test_synthetic_objectives_are_deterministic_bounded_and_depend_on_the_values() -> None:
+    a = {"defense": "kap", "kap.kernel_size": 3, "training.lr": 0.1}
+    assert scale.synthetic_objectives(a) == scale.synthetic_objectives(dict(reversed(list(a.items()))))
+    others = [scale.synthetic_objectives({**a, "training.lr": lr}) for lr in (0.01, 0.02, 0.3)]
+    assert len({*others, scale.synthetic_objectives(a)}) == 4
+    assert scale.synthetic_objectives(a, seed=1) != scale.synthetic_objectives(a)
+    for clean, robust in others:
+        assert 0.0 <= clean <= 1.0 and 0.0 <= robust <= 1.0
+
+
+def _audit(**changes: object) -> dict:
+    m = {
+        "records": 3,
+        "unique_trial_ids": 3,
+        "mlflow_children": 3,
+        "mlflow_unique_trial_ids": 3,
+        "num_trials": 3,
+        "optuna_states": {"COMPLETE": 3},
+        "mlflow_missing": [],
+        "mlflow_extra": [],
+        "mlflow_mismatched_metrics": [],
+        "front_stored": ["a"],
+        "front_recomputed": ["a"],
+    }
+    return {**m, **changes}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"unique_trial_ids": 2},
+        {"mlflow_children": 4},
+        {"optuna_states": {"COMPLETE": 2}},
+        {"optuna_states": {"COMPLETE": 2, "RUNNING": 1}},
+        {"mlflow_mismatched_metrics": ["b"]},
+        {"front_recomputed": ["a", "b"]},
+    ],
+)
+def test_any_inconsistency_between_the_stores_is_reported(changes: dict) -> None:
+    assert scale.consistent(_audit())
+    assert not scale.consistent(_audit(**changes))
+
+
+def test_bad_trial_count_is_one_line_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["bench", "scale", "--trials", "-3"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--trials" in err
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_short_scale_run_goes_through_the_real_driver_and_every_store_agrees(tmp_path: Path) -> None:
+    from study.spec import trial_config_for
+
+    n = 40
+    m = scale.bench_scale(num_trials=n, concurrency=2, workdir=tmp_path)
+    assert scale.consistent(m), m
+    assert m["records"] == n and m["tells"] == n and m["statuses"] == {"completed": n}
+    assert sum(b["n"] for b in m["sampler"]) == n and all(b["mean_s"] > 0 for b in m["sampler"])
+    assert m["windows"] and all(w["seconds_per_trial"] > 0 for w in m["windows"])
+    assert m["memory"]["peak_mb"] > 0 and m["front_size"] >= 1
+    # The numbers recorded are the synthetic trial's for each configuration, labelled as a real
+    # trial's (validation split).
+    spec = scale.scale_spec(tmp_path / "results", n)
+    records = json.loads((spec.study_dir() / "trials.json").read_text())
+    for r in records:
+        config = trial_config_for(spec, r["params"], name="check")
+        assert (r["val_clean_accuracy"], r["val_robust_accuracy"]) == scale.synthetic_objectives(
+            scale.searched_values(config), config.seed
+        )
+    text = scale.format_scale(m)
+    assert "consistent: ok" in text and f"{n} synthetic trials" in text
