@@ -86,6 +86,12 @@ def test_bench_defenses_labels_say_what_trained(monkeypatch) -> None:
     assert [c.training.recipe for c in ran] == ["pgd_at"] and [c.model.defense for c in ran] == ["cas"]
     assert rows[0]["recipe"] == "pgd_at" and rows[0]["params"]["recipe"] == "pgd_at"
     assert rows[0]["params"]["adv_steps"] == ran[0].training.adv_steps
+    assert rows[0]["params"]["adv_eps"] == ran[0].training.adv_eps
+    ran.clear()
+    # KAF has a standard and a fast-AT row; both become the same fast-AT trial, trained once.
+    rows = defense_rows(epochs=1, progress=False, only="kaf", recipe="fast_at")
+    assert len(ran) == len(rows) == 1 and ran[0].training.recipe == "fast_at"
+    assert rows[0]["params"]["adv_eps"] == ran[0].training.adv_eps
     ran.clear()
     rows = defense_rows(epochs=1, progress=False, only="none")
     assert [c.training.recipe for c in ran] == [r["params"]["recipe"] for r in rows] == ["standard", "fast_at"]

@@ -17,6 +17,8 @@ from study.spec import load_spec, trial_config_for
 
 log = logging.getLogger(__name__)
 
+ADVERSARIAL = ("fast_at", "pgd_at", "trades", "mart")
+"""Recipes that train on adversarial examples at ``training.adv_eps``."""
 ATTACKS = [{"name": "pgd", "steps": 20}, {"name": "autoattack"}, {"name": "square"}]
 
 
@@ -57,6 +59,7 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
                 relabelled.append(p)
         points = relabelled
     rows = []
+    seen: set[str] = set()
     for point in points:
         config = trial_config_for(spec, point, name=f"table-{point['defense']}")
         data = config.model_dump()
@@ -71,13 +74,20 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
         if point.get("training.recipe", config.training.recipe) != config.training.recipe:
             raise RuntimeError(f"row label says recipe={point['training.recipe']} but the trial would train with "
                                f"{config.training.recipe}")
+        # Two points can build the same trial (with --recipe, a standard row relabelled fast_at and
+        # the fast_at row at the spec's adv_eps): train it once.
+        key = config.model_dump_json(exclude={"name"})
+        if key in seen:
+            continue
+        seen.add(key)
         start = time.perf_counter()
         result = run_trial(config)
         per_attack = {a["name"]: a["accuracy"] for a in result.attacks}
         row = {
             "defense": point["defense"],
             "params": {**{k.split(".", 1)[1]: v for k, v in point.items() if k != "defense"},
-                       # a multi-step training attack's budget is part of what ran
+                       # an adversarial recipe's budget is part of what ran, stated or not
+                       **({"adv_eps": config.training.adv_eps} if config.training.recipe in ADVERSARIAL else {}),
                        **({"adv_steps": config.training.adv_steps}
                           if config.training.recipe in ("pgd_at", "trades", "mart") else {})},
             "recipe": config.training.recipe,
