@@ -193,6 +193,10 @@ class EvalConfig(_Strict):
     add_eot: bool = True
     """Stochastic models: add an EOT attack when the suite has none; off leaves the suite as
     given, and R12 then fails."""
+    protocol_arms: Literal["both", "deployed"] = "both"
+    """KAP models with activation noise: `both` also attacks the configuration that is not deployed
+    (noise off vs. noise on under EOT, the paper reports both); `deployed` attacks only the model
+    as deployed, which is what decides the trial's numbers, at a fraction of the cost."""
     checks: bool = True
     """Run the integrity checks (docs/evaluation.md) and set `trusted`."""
     check_samples: int = Field(100, ge=10)

@@ -281,6 +281,28 @@ def test_kap_protocol_reports_both_numbers(data, noise_at_eval):
     json.dumps(result.to_dict())
 
 
+@pytest.mark.parametrize("noise_at_eval", [False, True])
+def test_kap_protocol_deployed_only_skips_the_other_arm(data, noise_at_eval, monkeypatch):
+    import study.evaluation.suite as suite
+
+    xtr, ytr, xte, yte = data
+    params = {"kernel_size": 2, "sigma": 0.1, "noise_at_eval": noise_at_eval}
+    model = fit(small_cnn("kap", params), xtr, ytr, steps=15, batch=128)
+    cfg = quick_cfg(attacks=[{"name": "pgd", "steps": 2}], eps_curve=[], checks=False, eps=0.1,
+                    protocol_arms="deployed")
+    called: list[str] = []
+    monkeypatch.setattr(suite, "_evaluate_other", lambda *a, **k: called.append("other"))
+    result = run(model, xte[:20], yte[:20], cfg, defense="kap", defense_params=params)
+    deployed, other = ("noise_eot", "no_noise") if noise_at_eval else ("no_noise", "noise_eot")
+    assert called == []  # the other configuration is never attacked
+    p = result.protocol
+    assert p["deployed"] == deployed and result.robust_accuracy == p[deployed]
+    assert other not in p and f"{other}_clean" not in p and "other_attacks" not in p
+    assert any(f"{other} not attacked (eval.protocol_arms: deployed)" in n for n in result.notes)
+    assert result.stochastic == noise_at_eval  # the deployed arm is still scored as deployed
+    json.dumps(result.to_dict())
+
+
 def test_cas_model_gets_the_adaptive_attack(data):
     xtr, ytr, xte, yte = data
     params = {"beta": 2.0, "placement": "last"}

@@ -27,7 +27,8 @@ Honest by default, so a careless suite cannot inflate a number:
   paper's main tables) and with the noise on at test time under EOT (its appendix). The deployed
   model — noisy iff ``defense_params['noise_at_eval']`` (``at_eval`` for the ``noise`` baseline)
   — gets the full suite, the eps curve and the checks, and its number is ``robust_accuracy``; the
-  other configuration gets a reduced suite. Both numbers land in ``EvalResult.protocol``.
+  other configuration gets a reduced suite (skipped with ``eval.protocol_arms: deployed``). Both
+  numbers land in ``EvalResult.protocol``.
 
 Every addition is recorded (``added`` on the attack's record and a line in ``notes``).
 """
@@ -384,24 +385,26 @@ def evaluate(
     else:
         noisy = bool(defense_params.get("noise_at_eval", defense_params.get("at_eval", False)))
         arm, other = ("noise_eot", "no_noise") if noisy else ("no_noise", "noise_eot")
-        notes.append(f"KAP protocol: deployed model = {arm} (noise_at_eval={noisy}); {other} attacked as well")
+        both = cfg.protocol_arms == "both"
+        notes.append(f"KAP protocol: deployed model = {arm} (noise_at_eval={noisy}); {other} "
+                     + ("attacked as well" if both else "not attacked (eval.protocol_arms: deployed)"))
         with _noise_config(model, arm):
             deployed = _evaluate_deployed(model, x, y, cfg, num_classes, defense, defense_params, recipe, seed,
                                           cas=cas, force_stochastic=noisy, notes=notes)
-        with _noise_config(model, other):
-            side = _evaluate_other(model, x, y, cfg, num_classes, defense_params, seed, other, cas=cas, notes=notes)
         main_arm = deployed["arm"]
         protocol = {
             "deployed": arm,
             arm: main_arm.robust,
-            other: side.robust,
             f"{arm}_clean": main_arm.clean,
-            f"{other}_clean": side.clean,
             f"{arm}_attacks": [r["name"] for r in main_arm.records],
-            f"{other}_attacks": [r["name"] for r in side.records],
-            "other_attacks": side.records,
             "sigma": [float(m.sigma) for m in noise],
         }
+        if both:
+            with _noise_config(model, other):
+                side = _evaluate_other(model, x, y, cfg, num_classes, defense_params, seed, other, cas=cas,
+                                       notes=notes)
+            protocol.update({other: side.robust, f"{other}_clean": side.clean,
+                             f"{other}_attacks": [r["name"] for r in side.records], "other_attacks": side.records})
 
     main_arm = deployed["arm"]
     if main_arm.stochastic or protocol:
