@@ -8,6 +8,7 @@ accuracy and the failed integrity flags as a markdown table.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -27,6 +28,21 @@ class UnknownDefense(ValueError):
     anything trains)."""
 
 
+@functools.cache
+def defense_choices() -> tuple[str, ...]:
+    """What ``--defense`` accepts: the demo's defenses, ``none`` (the baseline) first."""
+    # Cached: argparse asks a lazy choice list several times per parse (membership, then the
+    # error or help text), and loading the spec imports the defense registry.
+    return load_spec("demo").conditional_space().defense_choices()
+
+
+def recipe_choices() -> tuple[str, ...]:
+    """What ``--recipe`` accepts: every training recipe a trial config allows."""
+    from study.config import RECIPES
+
+    return tuple(RECIPES)
+
+
 def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool = True,
                  only: str | None = None, recipe: str | None = None) -> list[dict[str, Any]]:
     """Train and attack the baseline and every defense at its paper defaults (sequentially).
@@ -41,15 +57,14 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
     spec = load_spec("demo")
     space = spec.conditional_space()
     points = space.paper_default_configs()
+    # The command line refuses these already (argparse choices); this guards other callers.
     if only is not None:
-        names = sorted({p["defense"] for p in points})
-        if only not in names:
-            raise UnknownDefense(f"--defense: unknown defense {only!r}; one of: {', '.join(names)}")
+        if only not in defense_choices():
+            raise UnknownDefense(f"--defense: unknown defense {only!r}; one of: {', '.join(defense_choices())}")
         points = [p for p in points if p["defense"] == only]
     if recipe is not None:
-        from study.config import RECIPES as allowed
-        if recipe not in allowed:
-            raise UnknownDefense(f"--recipe: unknown recipe {recipe!r}; one of: {', '.join(allowed)}")
+        if recipe not in recipe_choices():
+            raise UnknownDefense(f"--recipe: unknown recipe {recipe!r}; one of: {', '.join(recipe_choices())}")
         relabelled = []
         for p in points:
             p = {**p, "training.recipe": recipe}
