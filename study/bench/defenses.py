@@ -13,13 +13,15 @@ import logging
 import time
 from typing import Any
 
+from search_spaces import TRAINING_SPACE, Categorical
 from study.config import TrialConfig
 from study.spec import load_spec, trial_config_for
 
 log = logging.getLogger(__name__)
 
-ADVERSARIAL = ("fast_at", "pgd_at", "trades", "mart")
-"""Recipes that train on adversarial examples at ``training.adv_eps``."""
+BUDGET_PARAMS = ("adv_eps", "adv_steps")
+"""Training parameters a row's label states whenever its recipe uses them: an adversarial
+recipe's budget is part of what ran, whether the point set it or the spec did."""
 ATTACKS = [{"name": "pgd", "steps": 20}, {"name": "autoattack"}, {"name": "square"}]
 
 
@@ -34,6 +36,17 @@ def defense_choices() -> tuple[str, ...]:
     # Cached: argparse asks a lazy choice list several times per parse (membership, then the
     # error or help text), and loading the spec imports the defense registry.
     return load_spec("demo").conditional_space().defense_choices()
+
+
+def recipes_using(param: str) -> frozenset[str]:
+    """The recipes under which the training space makes ``param`` active (its ``when`` relation),
+    so a recipe added to the space is labelled without an edit here."""
+    # The full space, not the demo's restricted one: --recipe may name a recipe the demo does
+    # not search, whose relations the restriction has pruned.
+    recipe, budget = TRAINING_SPACE.param("recipe"), TRAINING_SPACE.param(param)
+    if not isinstance(recipe, Categorical):
+        raise TypeError(f"training.recipe is {recipe!r}, not a choice of recipes")
+    return frozenset(r for r in recipe.choices if TRAINING_SPACE.is_active(budget, {"recipe": r}))
 
 
 def recipe_choices() -> tuple[str, ...]:
@@ -100,11 +113,10 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
         per_attack = {a["name"]: a["accuracy"] for a in result.attacks}
         row = {
             "defense": point["defense"],
-            "params": {**{k.split(".", 1)[1]: v for k, v in point.items() if k != "defense"},
-                       # an adversarial recipe's budget is part of what ran, stated or not
-                       **({"adv_eps": config.training.adv_eps} if config.training.recipe in ADVERSARIAL else {}),
-                       **({"adv_steps": config.training.adv_steps}
-                          if config.training.recipe in ("pgd_at", "trades", "mart") else {})},
+            "params": {
+                **{k.split(".", 1)[1]: v for k, v in point.items() if k != "defense"},
+                **{p: getattr(config.training, p) for p in BUDGET_PARAMS if config.training.recipe in recipes_using(p)},
+            },
             "recipe": config.training.recipe,
             "status": result.status,
             "clean": result.clean_accuracy,
