@@ -176,3 +176,28 @@ def test_bench_defenses_labels_state_the_budget_of_the_recipe_that_ran(monkeypat
     assert fast_at["recipe"] == "fast_at" and "adv_eps" in fast_at["params"] and "adv_steps" not in fast_at["params"]
     (trades,) = defense_rows(epochs=1, progress=False, only="none", recipe="trades")
     assert {"adv_eps", "adv_steps"} <= set(trades["params"])
+
+
+@pytest.mark.parametrize("recipe", [None, "pgd_at"])
+def test_points_that_build_the_same_trial_give_one_row(monkeypatch, recipe: str | None) -> None:
+    """Equal points, and points that differ only in stating the spec's own adv_eps, are one trial,
+    trained once; a different adv_eps is a row of its own."""
+    from search_spaces import ConditionalSpace
+    from study.bench.defenses import defense_rows
+    from study.spec import load_spec
+
+    spec_eps = load_spec("demo").training.adv_eps
+    other_eps = spec_eps / 2
+    points = [
+        {"defense": "none", "training.recipe": "fast_at"},
+        {"defense": "none", "training.recipe": "fast_at"},
+        {"defense": "none", "training.recipe": "fast_at", "training.adv_eps": spec_eps},
+        {"defense": "none", "training.recipe": "fast_at", "training.adv_eps": other_eps},
+    ]
+    monkeypatch.setattr(ConditionalSpace, "paper_default_configs", lambda self: [dict(p) for p in points])
+    ran = _no_training(monkeypatch)
+    rows = defense_rows(epochs=1, progress=False, recipe=recipe)
+    assert len(rows) == len(ran) == 2
+    assert [c.training.adv_eps for c in ran] == [spec_eps, other_eps]
+    assert [r["params"]["adv_eps"] for r in rows] == [spec_eps, other_eps]
+    assert [r["recipe"] for r in rows] == [c.training.recipe for c in ran] == [recipe or "fast_at"] * 2

@@ -83,8 +83,7 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
             p = {**p, "training.recipe": recipe}
             if f"{p['defense']}.recipe" in p:  # a defense that names its own recipe (CAS)
                 p[f"{p['defense']}.recipe"] = recipe
-            if p not in relabelled:
-                relabelled.append(p)
+            relabelled.append(p)
         points = relabelled
     rows = []
     seen: set[str] = set()
@@ -103,7 +102,8 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
             raise RuntimeError(f"row label says recipe={point['training.recipe']} but the trial would train with "
                                f"{config.training.recipe}")
         # Two points can build the same trial (with --recipe, a standard row relabelled fast_at and
-        # the fast_at row at the spec's adv_eps): train it once.
+        # the fast_at row at the spec's adv_eps, or two points relabelled alike): train it once,
+        # labelled as the first.
         key = config.model_dump_json(exclude={"name"})
         if key in seen:
             continue
