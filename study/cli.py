@@ -141,12 +141,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what != "defenses":
         logging.getLogger("study.evaluation.checks").setLevel(logging.ERROR)
     if args.what == "defenses":
-        from study.bench.defenses import UnknownDefense, defense_rows
+        from study.bench.defenses import defense_rows
 
-        try:
-            defense_rows(n_samples=args.n, epochs=args.epochs, only=args.defense, recipe=args.recipe)
-        except UnknownDefense as err:
-            raise ConfigError(str(err)) from None
+        defense_rows(n_samples=args.n, epochs=args.epochs, only=args.defense, recipe=args.recipe)
         return EXIT_OK
     if args.what == "overhead":
         from study.bench.overhead import bench_overhead, format_overhead
@@ -396,6 +393,18 @@ def _attack_table() -> Sequence[str]:
     return ATTACKS
 
 
+def _bench_defenses() -> Sequence[str]:
+    from study.bench.defenses import defense_choices
+
+    return defense_choices()
+
+
+def _bench_recipes() -> Sequence[str]:
+    from study.bench.defenses import recipe_choices
+
+    return recipe_choices()
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="robust-study", description="Hyperparameter studies of adversarial-robustness "
                      "defenses: search, train, attack and keep the accuracy-robustness Pareto front.")
@@ -438,8 +447,18 @@ def build_parser() -> Parser:
     p.add_argument("--n", type=count, default=200, help="defenses: validation samples to attack (default 200)")
     p.add_argument("--epochs", type=count, help="defenses: epochs per trial (default: the demo's); "
                    "search: epochs per trial (9); overhead: epochs per trial (3)")
-    p.add_argument("--defense", help="defenses: only this defense's rows (none for the baseline)")
-    p.add_argument("--recipe", help="defenses: train the rows with this training recipe instead of the demo's")
+    p.add_argument(
+        "--defense",
+        choices=LazyChoices(_bench_defenses),
+        metavar="DEFENSE",
+        help="defenses: only this defense's rows (none for the baseline): %(choices)s",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=LazyChoices(_bench_recipes),
+        metavar="RECIPE",
+        help="defenses: train the rows with this training recipe instead of the demo's: %(choices)s",
+    )
     p.add_argument("--batch", type=count, default=128, help="layers: batch size (default 128)")
     p.add_argument("--repeats", type=count, default=3, help="layers: timed repetitions per defense (default 3)")
     p.add_argument("--device", default=None, help="layers: cpu or cuda (default: cuda when present)")

@@ -105,3 +105,99 @@ def test_bench_defenses_labels_say_what_trained(monkeypatch) -> None:
         with pytest.raises(UnknownDefense):
             defense_rows(progress=False, **bad)
     assert len(ran) == 2  # nothing ran for the refused ones
+
+
+def test_recipes_that_label_a_budget_follow_the_training_space() -> None:
+    """Which rows state adv_eps / adv_steps comes from the training space's ``when`` relations."""
+    from search_spaces import TRAINING_SPACE
+    from study.bench.defenses import recipes_using
+
+    for param in ("adv_eps", "adv_steps"):
+        when = TRAINING_SPACE.param(param).when
+        assert when is not None and when[0] == "recipe"
+        assert recipes_using(param) == set(when[1])
+    # Today's recipes, by hand: fast AT takes one FGSM step, so it has an eps but no step count.
+    assert recipes_using("adv_eps") == {"fast_at", "pgd_at", "trades", "mart"}
+    assert recipes_using("adv_steps") == {"pgd_at", "trades", "mart"}
+    assert recipes_using("lr") == set(TRAINING_SPACE.param("recipe").choices)  # no relation: every recipe
+
+
+def test_a_recipe_added_to_the_space_is_labelled_with_its_budget(monkeypatch) -> None:
+    import dataclasses
+
+    import study.bench.defenses
+    from search_spaces import TRAINING_SPACE, Categorical
+
+    def with_recipe(p):
+        if p.name == "recipe":
+            return dataclasses.replace(p, choices=(*p.choices, "new_at"))
+        if p.name == "adv_eps":
+            return dataclasses.replace(p, when=("recipe", (*p.when[1], "new_at")))
+        return p
+
+    space = dataclasses.replace(TRAINING_SPACE, params=tuple(with_recipe(p) for p in TRAINING_SPACE.params))
+    assert isinstance(space.param("recipe"), Categorical)
+    monkeypatch.setattr(study.bench.defenses, "TRAINING_SPACE", space)
+    assert "new_at" in study.bench.defenses.recipes_using("adv_eps")
+    assert "new_at" not in study.bench.defenses.recipes_using("adv_steps")
+
+
+def _no_training(monkeypatch) -> list:
+    """Replace run_trial with a stub that records the configs it was given."""
+    from types import SimpleNamespace
+
+    import study.trial
+
+    ran: list = []
+
+    def fake_run_trial(config):
+        ran.append(config)
+        return SimpleNamespace(
+            attacks=[],
+            status="completed",
+            clean_accuracy=1.0,
+            robust_accuracy=0.0,
+            protocol=None,
+            flags=[],
+            trusted=True,
+            reached={},
+        )
+
+    monkeypatch.setattr(study.trial, "run_trial", fake_run_trial)
+    return ran
+
+
+def test_bench_defenses_labels_state_the_budget_of_the_recipe_that_ran(monkeypatch) -> None:
+    from study.bench.defenses import defense_rows
+
+    _no_training(monkeypatch)
+    standard, fast_at = defense_rows(epochs=1, progress=False, only="none")
+    assert standard["recipe"] == "standard" and not {"adv_eps", "adv_steps"} & set(standard["params"])
+    assert fast_at["recipe"] == "fast_at" and "adv_eps" in fast_at["params"] and "adv_steps" not in fast_at["params"]
+    (trades,) = defense_rows(epochs=1, progress=False, only="none", recipe="trades")
+    assert {"adv_eps", "adv_steps"} <= set(trades["params"])
+
+
+@pytest.mark.parametrize("recipe", [None, "pgd_at"])
+def test_points_that_build_the_same_trial_give_one_row(monkeypatch, recipe: str | None) -> None:
+    """Equal points, and points that differ only in stating the spec's own adv_eps, are one trial,
+    trained once; a different adv_eps is a row of its own."""
+    from search_spaces import ConditionalSpace
+    from study.bench.defenses import defense_rows
+    from study.spec import load_spec
+
+    spec_eps = load_spec("demo").training.adv_eps
+    other_eps = spec_eps / 2
+    points = [
+        {"defense": "none", "training.recipe": "fast_at"},
+        {"defense": "none", "training.recipe": "fast_at"},
+        {"defense": "none", "training.recipe": "fast_at", "training.adv_eps": spec_eps},
+        {"defense": "none", "training.recipe": "fast_at", "training.adv_eps": other_eps},
+    ]
+    monkeypatch.setattr(ConditionalSpace, "paper_default_configs", lambda self: [dict(p) for p in points])
+    ran = _no_training(monkeypatch)
+    rows = defense_rows(epochs=1, progress=False, recipe=recipe)
+    assert len(rows) == len(ran) == 2
+    assert [c.training.adv_eps for c in ran] == [spec_eps, other_eps]
+    assert [r["params"]["adv_eps"] for r in rows] == [spec_eps, other_eps]
+    assert [r["recipe"] for r in rows] == [c.training.recipe for c in ran] == [recipe or "fast_at"] * 2

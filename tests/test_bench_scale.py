@@ -89,6 +89,71 @@ def test_any_inconsistency_between_the_stores_is_reported(changes: dict) -> None
     assert not scale.consistent(_audit(**changes))
 
 
+class _Clock:
+    """perf_counter for scale's code only: advances when the fake inner sampler works."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _SlowSampler:
+    """Each method takes a known time on the clock; before_trial can be told to raise."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock, self.fail = clock, False
+
+    def _work(self, seconds: float) -> str:
+        self.clock.now += seconds
+        return f"took {seconds}"
+
+    def infer_relative_search_space(self, study, trial):
+        return self._work(1.0)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._work(2.0)
+
+    def sample_independent(self, study, trial, name, distribution):
+        return self._work(4.0)
+
+    def before_trial(self, study, trial):
+        self._work(8.0)
+        if self.fail:
+            raise RuntimeError("inner sampler failed")
+
+    def after_trial(self, study, trial, state, values):
+        self._work(16.0)
+
+
+def test_timed_sampler_sums_every_suggestion_call_per_trial_and_samples_each_tell(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    clock = _Clock()
+    monkeypatch.setattr(scale, "time", clock)
+    monkeypatch.setitem(scale._PROBES, "test", scale._Probe())
+    inner = _SlowSampler(clock)
+    sampler = scale.TimedSampler(inner, "test")
+    study, first, second = object(), SimpleNamespace(number=0), SimpleNamespace(number=1)
+
+    sampler.before_trial(study, first)
+    assert sampler.infer_relative_search_space(study, first) == "took 1.0"
+    assert sampler.sample_relative(study, first, {}) == "took 2.0"
+    assert sampler.sample_independent(study, first, "x", None) == "took 4.0"
+    assert sampler.sample_independent(study, first, "y", None) == "took 4.0"
+    sampler.after_trial(study, first, None, [0.5, 0.5])  # a tell: not suggestion time
+    inner.fail = True
+    with pytest.raises(RuntimeError, match="inner sampler failed"):
+        sampler.before_trial(study, second)
+
+    probe = scale._PROBES["test"]
+    # [trials told when first asked, seconds]: 8 + 1 + 2 + 4 + 4 for the first; a call that
+    # raised still counts its time.
+    assert probe.calls == {0: [0.0, 19.0], 1: [1.0, 8.0]}
+    assert [t for t, _ in probe.tells] == [100.0 + 19.0 + 16.0] and probe.tells[0][1] > 0
+
+
 def test_bad_trial_count_is_one_line_exit_2(capsys) -> None:
     with pytest.raises(SystemExit) as exit:
         cli.main(["bench", "scale", "--trials", "-3"])

@@ -144,6 +144,43 @@ def test_unknown_attack_is_one_line_listing_the_attacks_exit_2(tmp_path: Path) -
     assert lines[0].endswith("(see robust-study evaluate --help)")
 
 
+def _bench_defenses_allowed() -> dict[str, list[str]]:
+    from study.config import RECIPES
+    from study.spec import load_spec
+
+    return {"--defense": ["none", *load_spec("demo").defenses], "--recipe": list(RECIPES)}
+
+
+@pytest.mark.parametrize("option", ["--defense", "--recipe"])
+def test_bench_defenses_refuses_an_unknown_name_in_one_line_listing_the_names_exit_2(
+    option: str, capsys, monkeypatch
+) -> None:
+    import study.bench.defenses
+
+    def must_not_run(**kwargs):
+        raise AssertionError(f"defense_rows ran with {kwargs}")
+
+    monkeypatch.setattr(study.bench.defenses, "defense_rows", must_not_run)
+    allowed = _bench_defenses_allowed()[option]
+    # Some of today's names, by hand, so an empty list cannot pass.
+    assert {"--defense": {"none", "kap", "cas"}, "--recipe": {"standard", "pgd_at"}}[option] <= set(allowed)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["bench", "defenses", option, "nope"])
+    assert exit.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"robust-study bench: argument {option}: invalid choice: 'nope'"), err
+    assert all(repr(name) in err for name in allowed), err
+    assert err.rstrip().endswith("(see robust-study bench --help)")
+
+
+def test_bench_help_lists_the_defenses_and_recipes() -> None:
+    text = " ".join(cli.build_parser().commands["bench"].format_help().split())
+    for option, allowed in _bench_defenses_allowed().items():
+        entry = text.split(f"{option} {option[2:].upper()} defenses: ", 1)[1].split(" --", 1)[0]
+        assert entry.endswith(": " + ", ".join(allowed)), (option, entry)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["pareto", "s", "--bogus"], "robust-study pareto: unrecognized arguments: --bogus"),
     (["--bogus", "pareto", "s"], "robust-study pareto: unrecognized arguments: --bogus"),

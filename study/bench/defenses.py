@@ -8,23 +8,52 @@ accuracy and the failed integrity flags as a markdown table.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
 
+from search_spaces import TRAINING_SPACE, Categorical
 from study.config import TrialConfig
 from study.spec import load_spec, trial_config_for
 
 log = logging.getLogger(__name__)
 
-ADVERSARIAL = ("fast_at", "pgd_at", "trades", "mart")
-"""Recipes that train on adversarial examples at ``training.adv_eps``."""
+BUDGET_PARAMS = ("adv_eps", "adv_steps")
+"""Training parameters a row's label states whenever its recipe uses them: an adversarial
+recipe's budget is part of what ran, whether the point set it or the spec did."""
 ATTACKS = [{"name": "pgd", "steps": 20}, {"name": "autoattack"}, {"name": "square"}]
 
 
 class UnknownDefense(ValueError):
     """``--defense`` or ``--recipe`` names no defense/recipe of the demo's space (raised before
     anything trains)."""
+
+
+@functools.cache
+def defense_choices() -> tuple[str, ...]:
+    """What ``--defense`` accepts: the demo's defenses, ``none`` (the baseline) first."""
+    # Cached: argparse asks a lazy choice list several times per parse (membership, then the
+    # error or help text), and loading the spec imports the defense registry.
+    return load_spec("demo").conditional_space().defense_choices()
+
+
+def recipes_using(param: str) -> frozenset[str]:
+    """The recipes under which the training space makes ``param`` active (its ``when`` relation),
+    so a recipe added to the space is labelled without an edit here."""
+    # The full space, not the demo's restricted one: --recipe may name a recipe the demo does
+    # not search, whose relations the restriction has pruned.
+    recipe, budget = TRAINING_SPACE.param("recipe"), TRAINING_SPACE.param(param)
+    if not isinstance(recipe, Categorical):
+        raise TypeError(f"training.recipe is {recipe!r}, not a choice of recipes")
+    return frozenset(r for r in recipe.choices if TRAINING_SPACE.is_active(budget, {"recipe": r}))
+
+
+def recipe_choices() -> tuple[str, ...]:
+    """What ``--recipe`` accepts: every training recipe a trial config allows."""
+    from study.config import RECIPES
+
+    return tuple(RECIPES)
 
 
 def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool = True,
@@ -41,22 +70,20 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
     spec = load_spec("demo")
     space = spec.conditional_space()
     points = space.paper_default_configs()
+    # The command line refuses these already (argparse choices); this guards other callers.
     if only is not None:
-        names = sorted({p["defense"] for p in points})
-        if only not in names:
-            raise UnknownDefense(f"--defense: unknown defense {only!r}; one of: {', '.join(names)}")
+        if only not in defense_choices():
+            raise UnknownDefense(f"--defense: unknown defense {only!r}; one of: {', '.join(defense_choices())}")
         points = [p for p in points if p["defense"] == only]
     if recipe is not None:
-        from study.config import RECIPES as allowed
-        if recipe not in allowed:
-            raise UnknownDefense(f"--recipe: unknown recipe {recipe!r}; one of: {', '.join(allowed)}")
+        if recipe not in recipe_choices():
+            raise UnknownDefense(f"--recipe: unknown recipe {recipe!r}; one of: {', '.join(recipe_choices())}")
         relabelled = []
         for p in points:
             p = {**p, "training.recipe": recipe}
             if f"{p['defense']}.recipe" in p:  # a defense that names its own recipe (CAS)
                 p[f"{p['defense']}.recipe"] = recipe
-            if p not in relabelled:
-                relabelled.append(p)
+            relabelled.append(p)
         points = relabelled
     rows = []
     seen: set[str] = set()
@@ -75,7 +102,8 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
             raise RuntimeError(f"row label says recipe={point['training.recipe']} but the trial would train with "
                                f"{config.training.recipe}")
         # Two points can build the same trial (with --recipe, a standard row relabelled fast_at and
-        # the fast_at row at the spec's adv_eps): train it once.
+        # the fast_at row at the spec's adv_eps, or two points relabelled alike): train it once,
+        # labelled as the first.
         key = config.model_dump_json(exclude={"name"})
         if key in seen:
             continue
@@ -85,11 +113,10 @@ def defense_rows(n_samples: int = 200, epochs: int | None = None, progress: bool
         per_attack = {a["name"]: a["accuracy"] for a in result.attacks}
         row = {
             "defense": point["defense"],
-            "params": {**{k.split(".", 1)[1]: v for k, v in point.items() if k != "defense"},
-                       # an adversarial recipe's budget is part of what ran, stated or not
-                       **({"adv_eps": config.training.adv_eps} if config.training.recipe in ADVERSARIAL else {}),
-                       **({"adv_steps": config.training.adv_steps}
-                          if config.training.recipe in ("pgd_at", "trades", "mart") else {})},
+            "params": {
+                **{k.split(".", 1)[1]: v for k, v in point.items() if k != "defense"},
+                **{p: getattr(config.training, p) for p in BUDGET_PARAMS if config.training.recipe in recipes_using(p)},
+            },
             "recipe": config.training.recipe,
             "status": result.status,
             "clean": result.clean_accuracy,

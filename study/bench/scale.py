@@ -160,33 +160,25 @@ class TimedSampler(optuna.samplers.BaseSampler):
             entry = probe.calls.setdefault(trial.number, [float(len(probe.tells)), 0.0])
             entry[1] += seconds
 
-    def infer_relative_search_space(self, study: Any, trial: Any) -> Any:
+    def _timed(self, trial: Any, method: str, *args: Any) -> Any:
+        """The inner sampler's ``method(*args)``, its time added to ``trial``'s suggestion time."""
         t0 = time.perf_counter()
         try:
-            return self.inner.infer_relative_search_space(study, trial)
-        finally:
+            return getattr(self.inner, method)(*args)
+        finally:  # a call that raised still cost the driver its time
             self._add(trial, time.perf_counter() - t0)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> Any:
+        return self._timed(trial, "infer_relative_search_space", study, trial)
 
     def sample_relative(self, study: Any, trial: Any, search_space: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self.inner.sample_relative(study, trial, search_space)
-        finally:
-            self._add(trial, time.perf_counter() - t0)
+        return self._timed(trial, "sample_relative", study, trial, search_space)
 
     def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self.inner.sample_independent(study, trial, name, distribution)
-        finally:
-            self._add(trial, time.perf_counter() - t0)
+        return self._timed(trial, "sample_independent", study, trial, name, distribution)
 
     def before_trial(self, study: Any, trial: Any) -> None:
-        t0 = time.perf_counter()
-        try:
-            self.inner.before_trial(study, trial)
-        finally:
-            self._add(trial, time.perf_counter() - t0)
+        self._timed(trial, "before_trial", study, trial)
 
     def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
         self.inner.after_trial(study, trial, state, values)
