@@ -71,7 +71,8 @@ def test_version_falls_back_to_pyproject_when_not_installed(monkeypatch) -> None
     assert cli_args.program_version() == _pyproject_version()
 
 
-@pytest.mark.parametrize("args", [["--version"], ["--help"], ["run", "--help"], ["evaluate", "--help"]])
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["run", "--help"], ["evaluate", "--help"],
+                                  ["bench", "--help"]])
 def test_version_and_help_import_nothing_heavy(args: list[str]) -> None:
     code = ("import sys\nfrom study.cli import main\n"
             f"try:\n    main({args!r})\nexcept SystemExit as exit:\n    code = exit.code\n"
@@ -81,8 +82,9 @@ def test_version_and_help_import_nothing_heavy(args: list[str]) -> None:
                           text=True, timeout=120)
     exit_code, config_imported, heavy = proc.stderr.strip().splitlines()[-1].split(" ", 2)
     assert exit_code in ("0", "None") and heavy == "[]", proc.stderr
-    # evaluate's --help lists the attacks, which live with the configs; nothing else needs them.
-    assert config_imported == str(args == ["evaluate", "--help"]), proc.stderr
+    # evaluate's and bench's --help list the attacks / recipes, which live with the configs;
+    # nothing else needs them.
+    assert config_imported == str(args in (["evaluate", "--help"], ["bench", "--help"])), proc.stderr
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
@@ -172,6 +174,14 @@ def test_bench_defenses_refuses_an_unknown_name_in_one_line_listing_the_names_ex
     assert err.startswith(f"robust-study bench: argument {option}: invalid choice: 'nope'"), err
     assert all(repr(name) in err for name in allowed), err
     assert err.rstrip().endswith("(see robust-study bench --help)")
+
+
+def test_bench_defense_names_for_the_parser_are_the_parsed_demo_specs() -> None:
+    from study.bench.defenses import defense_choices, recipe_choices
+
+    # The parser reads them from the spec's text (fast --help); the bench from the parsed spec.
+    assert tuple(cli._bench_defenses()) == defense_choices()
+    assert tuple(cli._bench_recipes()) == recipe_choices()
 
 
 def test_bench_help_lists_the_defenses_and_recipes() -> None:
