@@ -511,8 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Only a command that imported the tracking module can have raised it.
         tracking = sys.modules.get("study.tracking")
         return EXIT_FAILED if tracking is not None and isinstance(err, tracking.MlflowUnsynced) else EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # A study's interrupt says how to continue it (study.orchestration.interrupt).
+        print(f"robust-study {args.command}: {err}" if str(err) else "interrupted", file=sys.stderr)
         return 130
 
 
