@@ -196,3 +196,56 @@ def test_no_watch_means_no_verdict() -> None:
     from study.orchestration.interrupt import unfinished_trials
 
     assert unfinished_trials("/study/never-ran") is None
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+def _audit(**changes: object) -> dict:
+    m = {
+        "num_trials": 3,
+        "records": 3,
+        "duplicate_trial_ids": [],
+        "mlflow_children": 3,
+        "mlflow_duplicate_trial_ids": [],
+        "optuna_states": {"COMPLETE": 2, "FAIL": 1},
+        "optuna_complete_expected": 2,
+        "mlflow_missing": [],
+        "mlflow_extra": [],
+        "mlflow_mismatched_metrics": [],
+        "front_stored": ["a"],
+        "front_recomputed": ["a"],
+    }
+    return {**m, **changes}
+
+
+def test_the_audit_names_a_trial_recorded_twice() -> None:
+    from study.bench import scale
+    from study.bench.load import audit_problems
+
+    assert audit_problems(_audit()) == []
+    # The reported incident: 145 records, 144 distinct ids, one MLflow run too many.
+    twice = _audit(
+        records=4, duplicate_trial_ids=["1ff494ed"], mlflow_children=4, mlflow_duplicate_trial_ids=["1ff494ed"]
+    )
+    problems = audit_problems(twice)
+    assert any("trials.json" in p and "1ff494ed" in p for p in problems), problems
+    assert any("MLflow" in p and "1ff494ed" in p for p in problems), problems
+    assert not scale.consistent(
+        {
+            **twice,
+            "unique_trial_ids": 3,
+            "mlflow_unique_trial_ids": 3,
+            "records": 3,
+            "mlflow_children": 3,
+            "optuna_states": {"COMPLETE": 3},
+        }
+    )
+
+
+def test_the_audit_reports_completed_trials_optuna_was_told_as_failed() -> None:
+    # What an interrupted driver that closed its cut trials' Optuna trials left after resume.
+    from study.bench.load import audit_problems
+
+    problems = audit_problems(_audit(optuna_states={"COMPLETE": 1, "FAIL": 2}))
+    assert len(problems) == 1 and problems[0].startswith("Optuna"), problems
