@@ -132,8 +132,8 @@ def test_logging_a_trial_again_from_another_driver_reuses_its_run(store) -> None
 
 
 def test_two_runs_of_one_trial_are_read_as_one_and_the_extra_is_retired(store) -> None:
-    # Runs left by an earlier version (one per attempt): the table keeps the complete one and the
-    # reconciliation at the end of the study removes the other, so the trial counts once.
+    # A store holding two runs of one trial (an older version, two drivers on one study): the
+    # table keeps the complete one and the reconciliation at the study's end removes the other.
     from study.tracking import PARENT_TAG, STUDY_TAG, TRIAL_ID_TAG, MlflowTrialLogger, _Runs
 
     tags = {PARENT_TAG: store.parent, TRIAL_ID_TAG: "1ff494ed", STUDY_TAG: "identity"}

@@ -21,8 +21,9 @@ class _Runs:
         self.parent_run_id = parent_run_id
         self.study = study
         self.by_trial: dict[str, Any] = {}
-        # Runs beyond the first of a trial id (one per attempt, from an older version): never
-        # logged to again, retired by MlflowTrialLogger's reconciliation.
+        # Runs beyond the first of a trial id. None should exist (every writer looks the trial up
+        # first); a store that has some (an older version, two drivers on one study) must still
+        # count the trial once: they are never logged to, and the reconciliation retires them.
         self.duplicates: list[Any] = []
         found: dict[str, list[Any]] = {}
         for run in client.search_runs(
