@@ -152,13 +152,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                              epochs=args.epochs or 3)))
         return EXIT_OK
     if args.what == "load":
-        from study.bench.load import bench_load, format_load
+        from study.bench.load import audit_problems, bench_load, format_load
 
         storage = Path(args.storage or "results")
         if (storage / "bench_load").exists():
             raise ConfigError(f"--storage: {storage / 'bench_load'} already exists; remove it or choose another --storage")
-        print(format_load(bench_load(num_trials=args.trials or 100, concurrency=args.concurrency, storage=storage)))
-        return EXIT_OK
+        audit = bench_load(num_trials=args.trials or 100, concurrency=args.concurrency, storage=storage)
+        print(format_load(audit))
+        return EXIT_FAILED if audit_problems(audit) else EXIT_OK  # a trial lost or counted twice
     if args.what == "scale":
         from study.bench.scale import bench_scale, format_scale
 
@@ -536,8 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Only a command that imported the tracking module can have raised it.
         tracking = sys.modules.get("study.tracking")
         return EXIT_FAILED if tracking is not None and isinstance(err, tracking.MlflowUnsynced) else EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # A study's interrupt says how to continue it (study.orchestration.interrupt).
+        print(f"robust-study {args.command}: {err}" if str(err) else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from study.spec import StudySpec, bench_spec
 
-__all__ = ["audit_study", "bench_load", "format_load", "load_spec"]
+__all__ = ["audit_problems", "audit_study", "bench_load", "format_load", "load_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def audit_study(spec: StudySpec, tracking_uri: str) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     from study.orchestration.runner import STUDY_FILE, TRIALS_FILE, trial_seconds
+    from study.results.identity import duplicated
     from study.results.pareto import front_of_records
     from study.tracking import PARENT_TAG, TRIAL_ID_TAG
 
@@ -70,16 +71,21 @@ def audit_study(spec: StudySpec, tracking_uri: str) -> dict[str, Any]:
             or abs(by_id[r["trial_id"]].data.metrics.get("val_robust_accuracy", -1) - r["val_robust_accuracy"]) > 1e-9
         )
     ]
+    # Optuna is told COMPLETE exactly the completed, trusted trials (study.orchestration.searcher).
+    expected_complete = sum(r["status"] == "completed" and bool(r["trusted"]) for r in records)
     recomputed = sorted(records[i]["trial_id"] for i in front_of_records(records, spec.objectives, spec.directions))
     stored = sorted(r["trial_id"] for r in records if r.get("on_front"))
     return {
         "records": len(records),
         "unique_trial_ids": len(set(ids)),
+        "duplicate_trial_ids": duplicated(ids),
         "statuses": {s: sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})},
         "optuna_states": optuna_states,
+        "optuna_complete_expected": expected_complete,
         "mlflow_parents": sum(PARENT_TAG not in r.data.tags for r in runs),
         "mlflow_children": len(children),
         "mlflow_unique_trial_ids": len(set(run_ids)),
+        "mlflow_duplicate_trial_ids": duplicated(run_ids),
         "mlflow_missing": sorted(set(ids) - set(run_ids)),
         "mlflow_extra": sorted(set(run_ids) - set(ids)),
         "mlflow_mismatched_metrics": mismatched,
@@ -114,12 +120,31 @@ def bench_load(num_trials: int = 100, concurrency: int = 2, storage: str | Path 
     return audit
 
 
+def audit_problems(m: dict[str, Any]) -> list[str]:
+    """Every way the audited stores disagree with "each trial once, everywhere", one line each;
+    a trial recorded twice is named."""
+    problems = []
+    if m["duplicate_trial_ids"]:
+        problems.append(f"trials.json records trial(s) more than once: {', '.join(m['duplicate_trial_ids'])}")
+    if m["mlflow_duplicate_trial_ids"]:
+        problems.append(f"MLflow has more than one run of trial(s): {', '.join(m['mlflow_duplicate_trial_ids'])}")
+    counts = {"planned": m.get("num_trials", m["records"]), "trials.json": m["records"], "MLflow runs": m["mlflow_children"],
+              "Optuna trials": sum(m["optuna_states"].values())}
+    if len(set(counts.values())) > 1:
+        problems.append("trial counts differ: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if m["mlflow_missing"] or m["mlflow_extra"]:
+        problems.append(f"MLflow misses {len(m['mlflow_missing'])} and has {len(m['mlflow_extra'])} unknown trial(s)")
+    if m["mlflow_mismatched_metrics"]:
+        problems.append(f"MLflow's numbers differ from trials.json's for {len(m['mlflow_mismatched_metrics'])} trial(s)")
+    if "RUNNING" in m["optuna_states"] or m["optuna_states"].get("COMPLETE", 0) != m["optuna_complete_expected"]:
+        problems.append(f"Optuna: {m['optuna_states']}, but {m['optuna_complete_expected']} completed trusted trial(s)")
+    if m["front_stored"] != m["front_recomputed"]:
+        problems.append("the stored front differs from the front recomputed from trials.json")
+    return problems
+
+
 def format_load(m: dict[str, Any]) -> str:
-    consistent = (
-        m["records"] == m["unique_trial_ids"] == m["mlflow_children"] == m["mlflow_unique_trial_ids"] == m["num_trials"]
-        and not m["mlflow_missing"] and not m["mlflow_extra"] and not m["mlflow_mismatched_metrics"]
-        and m["front_stored"] == m["front_recomputed"] and "RUNNING" not in m["optuna_states"]
-    )
+    problems = audit_problems(m)
     return "\n".join([
         f"trials planned {m['num_trials']}, recorded {m['records']} ({m['unique_trial_ids']} distinct): {m['statuses']}",
         f"Optuna trial states: {m['optuna_states']}",
@@ -132,5 +157,6 @@ def format_load(m: dict[str, Any]) -> str:
         f"wall time {m['wall_s']:.1f} s for {m['num_trials']} trials at concurrency {m['concurrency']} "
         f"({m['wall_s'] / m['num_trials']:.2f} s per trial); the trials' own work {m['trial_seconds']:.1f} s",
         f"framework overhead per trial: {m['overhead_per_trial_s']:.2f} core-seconds",
-        f"consistent: {'yes' if consistent else 'NO'}",
+        f"consistent: {'yes' if not problems else 'NO'}",
+        *[f"  {p}" for p in problems],
     ])

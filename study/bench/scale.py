@@ -341,6 +341,8 @@ def consistent(m: dict[str, Any]) -> bool:
         and not m["mlflow_mismatched_metrics"]
         and m["front_stored"] == m["front_recomputed"]
         and "RUNNING" not in m["optuna_states"]
+        and not m.get("duplicate_trial_ids")
+        and not m.get("mlflow_duplicate_trial_ids")
     )
 
 

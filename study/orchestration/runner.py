@@ -319,6 +319,7 @@ def run_study(
     preflight(spec, uri, target)
     from ray import tune
 
+    from study.orchestration.interrupt import InterruptWatch, study_interrupted, unfinished_trials
     from study.orchestration.progress import ProgressLine
     from study.orchestration.searcher import make_searcher
     from study.tracking import MlflowTrialLogger, StudyRun
@@ -360,7 +361,8 @@ def run_study(
     if resume and tune.Tuner.can_restore(tune_path):
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        callbacks = [MlflowTrialLogger(uri, study_run.experiment_id, parent_id, spec.name)]
+        callbacks = [MlflowTrialLogger(uri, study_run.experiment_id, parent_id, spec.name),
+                     InterruptWatch(str(study_dir))]
         if remote:
             from study.orchestration.mirror import StudyMirror
 
@@ -392,6 +394,11 @@ def run_study(
             ),
         )
     grid = tuner.fit()
+    if unfinished_trials(str(study_dir)):  # Ctrl-C: keep everything for resume, finish nothing
+        _set_status(state_file, "interrupted")
+        if remote:
+            store.upload(spec.storage, spec.name)
+        raise study_interrupted(spec, study_run)
     records = collect_records(spec, grid)
     from study.tracking import MlflowUnsynced
 
@@ -409,17 +416,24 @@ def run_study(
 
 
 def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
-    """One record per trial from Tune's results (the source for fronts, tables, export)."""
+    """One record per trial from Tune's results (the source for fronts, tables, export).
+
+    Each trial id is recorded once, with its most complete result (study.results.identity).
+    """
+    from study.results.identity import one_record_per_trial, trial_id_from_dir
     from study.storage import checkpoint_location
 
     records: list[TrialRecord] = []
     for number, result in enumerate(sorted(grid, key=lambda r: r.path or "")):
         metrics = result.metrics or {}
+        folder = Path(result.path or "").name
         params = {k: v for k, v in (result.config or {}).items()}
         final = bool(metrics.get("final"))
         outcome = trial_outcome(metrics, raised=bool(result.error))
         record: TrialRecord = {
-            "trial_id": metrics.get("trial_id") or Path(result.path or "").name,
+            # Tune puts the id on every result; the folder name carries it too (trial_files reads it
+            # the same way), so a trial is one id in trials.json and MLflow alike.
+            "trial_id": metrics.get("trial_id") or trial_id_from_dir(folder) or folder,
             "number": number,
             "defense": params.get("defense", "none"),
             "params": params,
@@ -445,6 +459,8 @@ def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
         if final:
             record["reached"] = reached_values(metrics)
         records.append(record)
+    # A trial's attempts (retries, the continuation after a resume) share its id: one record each.
+    records, _ = one_record_per_trial(records)
     records.sort(key=lambda r: (r["finished_at"] or 0, r["trial_id"]))
     for number, record in enumerate(records):
         record["number"] = number

@@ -10,7 +10,16 @@ from typing import Any
 from ray.tune import Callback
 
 from study.tracking.replay import _log_trial_artifacts, _Runs, replay_trial
-from study.tracking.store import _LOGGERS, _brief, _client, flat_params, grace_seconds, retry_seconds, server_answers
+from study.tracking.store import (
+    _LOGGERS,
+    TRIAL_ID_TAG,
+    _brief,
+    _client,
+    flat_params,
+    grace_seconds,
+    retry_seconds,
+    server_answers,
+)
 from study.tracking.trial_files import _error_text, result_metrics, result_params, trial_files_from_trial
 
 log = logging.getLogger(__name__)
@@ -228,6 +237,14 @@ class MlflowTrialLogger(Callback):
         the resumed Tune never heard of it and runs that configuration again under a new id. Its
         run would count the trial twice, so it goes, tagged with the reason.
         """
+        for run in self.runs.duplicates:
+            # A second run of a trial already represented by one: the trial must count once.
+            self.client.set_tag(run.info.run_id, "robust_study.superseded",
+                                "a second run of the same trial; the trial's run is the other one")
+            self.client.delete_run(run.info.run_id)
+            log.info("MLflow: removed run %s, a duplicate of trial %s's run", run.info.run_id,
+                     run.data.tags.get(TRIAL_ID_TAG))
+        self.runs.duplicates = []
         if not tune_ids:  # nothing to compare with: never delete on an empty list
             return
         for trial_id, run in list(self.runs.by_trial.items()):

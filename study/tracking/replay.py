@@ -21,12 +21,24 @@ class _Runs:
         self.parent_run_id = parent_run_id
         self.study = study
         self.by_trial: dict[str, Any] = {}
+        # Runs beyond the first of a trial id. None should exist (every writer looks the trial up
+        # first); a store that has some (an older version, two drivers on one study) must still
+        # count the trial once: they are never logged to, and the reconciliation retires them.
+        self.duplicates: list[Any] = []
+        found: dict[str, list[Any]] = {}
         for run in client.search_runs(
             [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=50000
         ):
             trial_id = run.data.tags.get(TRIAL_ID_TAG)
             if trial_id:
-                self.by_trial[trial_id] = run
+                found.setdefault(trial_id, []).append(run)
+        for trial_id, candidates in found.items():
+            # The most complete run stands for the trial: terminated, then the one with parameters,
+            # then the oldest (so every driver picks the same one).
+            candidates.sort(key=lambda r: (r.info.status not in TERMINAL_MLFLOW, not r.data.params,
+                                           r.info.start_time or 0, r.info.run_id))
+            self.by_trial[trial_id] = candidates[0]
+            self.duplicates += candidates[1:]
 
     def is_complete(self, trial_id: str) -> bool:
         run = self.by_trial.get(trial_id)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from study.results.identity import trial_id_from_dir
 from study.results.records import REACHED_SUFFIX, reached_values
 from study.tracking.store import _finite
 
@@ -110,8 +111,7 @@ def trial_files_from_dir(trial_dir: Path, status: str | None = None) -> TrialFil
     results = _read_results(trial_dir)
     trial_id = next((r["trial_id"] for r in reversed(results) if r.get("trial_id")), None)
     if trial_id is None:
-        parts = trial_dir.name.split("_")  # _trainable_<id>_<n>_<params>_<date>
-        trial_id = parts[2] if len(parts) > 2 and trial_dir.name.startswith("_") else None
+        trial_id = trial_id_from_dir(trial_dir.name)
     if trial_id is None:
         return None
     try:
