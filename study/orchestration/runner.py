@@ -403,7 +403,7 @@ def run_study(
     from study.tracking import MlflowUnsynced
 
     try:
-        front, final_front = finish_study(spec, records, study_run)
+        front, final_front = finish_study(spec, records, study_run, progress=progress)
     except MlflowUnsynced:
         _set_status(state_file, "finished, MLflow not synced")
         if remote:
@@ -497,7 +497,8 @@ def _defense_front_records(spec: StudySpec, records: list[dict[str, Any]], front
     return [records[i] for i in sorted(wanted) if id(records[i]) not in on_front]
 
 
-def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any) -> tuple[list, list]:
+def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any, *,
+                 progress: bool = False) -> tuple[list, list]:
     """Verify the front with the strong attacks on the test split, recompute it, write and log the
     artifacts, and put each verified trial's test numbers on its MLflow run."""
     from study.orchestration.importance import write_importances
@@ -508,7 +509,7 @@ def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any)
     close_orphaned_optuna_trials(spec)
     front = front_records(records, spec.objectives, spec.directions)
     if spec.verify:
-        verify_front(spec, front + _defense_front_records(spec, records, front))
+        verify_front(spec, front + _defense_front_records(spec, records, front), progress=progress)
     final_front = front_records(records, spec.objectives, spec.directions, stage="final")
     for record in records:
         record["on_front"] = record in front

@@ -80,10 +80,13 @@ def _reevaluate(trial_dir: str, eval_data: dict[str, Any], device: str, split: s
     }
 
 
-def verify_front(spec: StudySpec, front: list[dict[str, Any]]) -> None:
+def verify_front(spec: StudySpec, front: list[dict[str, Any]], *, progress: bool = False) -> None:
     """Fill ``record['final']`` and ``record['verified']`` for every front record (in place), in
     parallel on Ray. A failed verification sets ``final: None``, ``verified: False`` and
-    ``final_error``."""
+    ``final_error``. ``progress`` prints a line when it starts and one per finished trial (the
+    strong attacks take minutes; the search's progress line has stopped by then)."""
+    import time
+
     import ray
 
     for record in front:
@@ -98,7 +101,16 @@ def verify_front(spec: StudySpec, front: list[dict[str, Any]]) -> None:
     task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(reevaluate)
     eval_data = spec.final_eval.model_dump(mode="json")
     refs = [task.remote(r["checkpoint"], eval_data, device) for r in todo]
-    for record, ref in zip(todo, refs):
+    waiting = {ref: record for ref, record in zip(refs, todo)}
+    start = time.monotonic()
+    if progress:
+        attacks = ", ".join(a.name for a in spec.final_eval.attacks)
+        _say(f"verifying {len(todo)} trial(s) on the {FINAL_SPLIT} split with {attacks} at eps "
+             f"{spec.final_eval.eps:g} ({spec.final_eval.n_samples} samples)")
+    while waiting:
+        # As each finishes, not in submission order: the progress line follows the work.
+        (ref,), _ = ray.wait(list(waiting), num_returns=1)
+        record = waiting.pop(ref)
         try:
             record["final"] = ray.get(ref)
             record["verified"] = True
@@ -107,3 +119,24 @@ def verify_front(spec: StudySpec, front: list[dict[str, Any]]) -> None:
             record["final"] = None
             record["verified"] = False
             record["final_error"] = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        if progress:
+            _say(f"[verify {len(todo) - len(waiting):>2}/{len(todo)}] {time.monotonic() - start:6.0f}s  "
+                 + verified_line(record))
+
+
+def verified_line(record: dict[str, Any]) -> str:
+    """One progress line for a verified (or failed) trial: its test numbers and trust."""
+    head = f"#{record['number']} {record['defense']}: "
+    final = record.get("final")
+    if not final:
+        return head + f"verification failed ({record.get('final_error', 'unknown error')})"
+    clean = final[labelled("clean_accuracy", final["split"])]
+    robust = final[labelled("robust_accuracy", final["split"])]
+    mark = "" if final["trusted"] else f" UNTRUSTED ({', '.join(final['flags_failed'])})"
+    return f"{head}{final['split']} clean {100 * clean:.1f}% robust {100 * robust:.1f}%{mark}  ({final['seconds']:.0f}s)"
+
+
+def _say(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
