@@ -32,11 +32,13 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # The inner loop while developing: lint, types and every test that needs no trained model, no Ray
-# and no service. CI runs `make test` (everything).
+# and no service. CI runs `make test` (everything). Two workers, one per core; worksteal because a
+# few tests (gradchecks, CLI subprocesses) take far longer than the rest. The marked tests stay
+# serial in `make test`: Ray and server tests were not checked for running side by side.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -m "not slow and not ray and not server"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not ray and not server"
 
 bench: $(STAMP)
 	$(VENV)/bin/robust-study bench layers

@@ -16,6 +16,12 @@ import pytest
 
 BIN = Path(sys.executable).parent
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `pytest -n N` on N cores, torch's default (one intra-op thread per core) runs N*N threads
+    # whose OpenMP barriers spin against each other: gradchecks ran 4x slower. One thread per worker,
+    # set before torch is imported; the CLI subprocesses the tests start inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -229,6 +235,8 @@ TOY_PLUGIN = Path(__file__).resolve().parent / "plugins" / "toy_clip.py"
 
 
 def pytest_configure(config) -> None:  # noqa: ANN001 - pytest's hook signature
+    if getattr(config.option, "dist", "no") != "no" and not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # the xdist controller collects nothing; only its workers need it (and torch, ~4 s)
     # Loaded before collection, so every registry-driven test (contract, build, bench) covers it.
     from study.plugins import load_plugins
 
