@@ -29,12 +29,14 @@ test: $(STAMP)
 	# layers and spaces third parties build on) before the tests: both take seconds.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest
+	# The unmarked tests on two workers (as test-fast), then the marked ones one at a time: Ray and
+	# server tests were not checked for running side by side, and each wants both cores.
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not ray and not server"
+	$(PY) -m pytest -m "slow or ray or server"
 
 # The inner loop while developing: lint, types and every test that needs no trained model, no Ray
 # and no service. CI runs `make test` (everything). Two workers, one per core; worksteal because a
-# few tests (gradchecks, CLI subprocesses) take far longer than the rest. The marked tests stay
-# serial in `make test`: Ray and server tests were not checked for running side by side.
+# few tests (gradchecks, CLI subprocesses) take far longer than the rest.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
