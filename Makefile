@@ -29,10 +29,12 @@ test: $(STAMP)
 	# layers and spaces third parties build on) before the tests: both take seconds.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	# The unmarked tests on two workers (as test-fast), then the marked ones one at a time: Ray and
-	# server tests were not checked for running side by side, and each wants both cores.
+	# The unmarked tests on two workers (as test-fast), then the marked ones on two workers too:
+	# much of their time is waiting (Ray, servers and clusters starting, faults being noticed), and
+	# each starts its own Ray instance, namespaces, ports and temp dirs. loadscope keeps a module's
+	# tests on one worker, so a module's shared fixture (a study, a server) is built once.
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not ray and not server"
-	$(PY) -m pytest -m "slow or ray or server"
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "slow or ray or server" --durations=20
 
 # The inner loop while developing: lint, types and every test that needs no trained model, no Ray
 # and no service. CI runs `make test` (everything). Two workers, one per core; worksteal because a

@@ -395,21 +395,15 @@ def _attack_table() -> Sequence[str]:
 
 
 def _bench_defenses() -> Sequence[str]:
-    # Read from the demo spec's text, not the parsed spec: parsing imports the defense registry
-    # (torch), which made `bench --help` take 5-20 s. A test holds this equal to
-    # study.bench.defenses.defense_choices().
-    from importlib import resources
+    from study.bench.defenses import defense_choices
 
-    import yaml
-
-    demo = yaml.safe_load(resources.files("study.specs").joinpath("demo.yaml").read_text())
-    return ("none",) * bool(demo.get("include_baseline")) + tuple(demo["defenses"])
+    return defense_choices()
 
 
 def _bench_recipes() -> Sequence[str]:
-    from study.config import RECIPES
+    from study.bench.defenses import recipe_choices
 
-    return RECIPES
+    return recipe_choices()
 
 
 def build_parser() -> Parser:

@@ -160,6 +160,18 @@ def _defense_list_to_mapping(entries: list[Any]) -> dict[str, Any]:
     return mapping
 
 
+def defense_entries(value: Any) -> Any:
+    """A spec's ``defenses:`` as written (a list of names and entries, or a mapping) -> the mapping
+    name -> fixed parameters; anything else is returned for validation to refuse. Needs no defense
+    registry: the names are checked afterwards."""
+    if isinstance(value, list):
+        return _defense_list_to_mapping(value)
+    if isinstance(value, dict):
+        # `kap:` with nothing after it is YAML's None: the defense with no fixed parameters.
+        return {name: {} if overrides is None else overrides for name, overrides in value.items()}
+    return value
+
+
 class StudySpec(_Strict):
     """A whole study."""
 
@@ -244,12 +256,7 @@ class StudySpec(_Strict):
     @field_validator("defenses", mode="before")
     @classmethod
     def _entries_to_mapping(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return _defense_list_to_mapping(value)
-        if isinstance(value, dict):
-            # `kap:` with nothing after it is YAML's None: the defense with no fixed parameters.
-            return {name: {} if overrides is None else overrides for name, overrides in value.items()}
-        return value
+        return defense_entries(value)
 
     @field_validator("defenses")
     @classmethod

@@ -9,6 +9,7 @@ import pytest
 
 from study import cli
 from study.bench import scale
+from tests.audits import audit_facts as _audit
 
 
 def test_windows_are_the_mean_interval_between_tells_over_the_window() -> None:
@@ -56,30 +57,16 @@ def test_synthetic_objectives_are_deterministic_bounded_and_depend_on_the_values
         assert 0.0 <= clean <= 1.0 and 0.0 <= robust <= 1.0
 
 
-def _audit(**changes: object) -> dict:
-    m = {
-        "records": 3,
-        "unique_trial_ids": 3,
-        "mlflow_children": 3,
-        "mlflow_unique_trial_ids": 3,
-        "num_trials": 3,
-        "optuna_states": {"COMPLETE": 3},
-        "mlflow_missing": [],
-        "mlflow_extra": [],
-        "mlflow_mismatched_metrics": [],
-        "front_stored": ["a"],
-        "front_recomputed": ["a"],
-    }
-    return {**m, **changes}
-
-
 @pytest.mark.parametrize(
     "changes",
     [
-        {"unique_trial_ids": 2},
+        {"duplicate_trial_ids": ["b"]},
         {"mlflow_children": 4},
+        {"mlflow_duplicate_trial_ids": ["b"]},
         {"optuna_states": {"COMPLETE": 2}},
-        {"optuna_states": {"COMPLETE": 2, "RUNNING": 1}},
+        {"optuna_states": {"COMPLETE": 1, "FAIL": 2}},
+        {"optuna_states": {"COMPLETE": 2, "FAIL": 1, "RUNNING": 1}},
+        {"mlflow_missing": ["c"], "mlflow_extra": ["x"]},
         {"mlflow_mismatched_metrics": ["b"]},
         {"front_recomputed": ["a", "b"]},
     ],

@@ -12,6 +12,8 @@ search numbers.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from typing import Any
 
 from study.results.records import FINAL_SPLIT, SEARCH_SPLIT, labelled
@@ -85,9 +87,7 @@ def verify_front(spec: StudySpec, front: list[dict[str, Any]], *, progress: bool
     parallel on Ray. A failed verification sets ``final: None``, ``verified: False`` and
     ``final_error``. ``progress`` prints a line when it starts and one per finished trial (the
     strong attacks take minutes; the search's progress line has stopped by then)."""
-    import time
-
-    import ray
+    import ray  # not at the top: `evaluate` and `bench evaluation` use reevaluate without Ray
 
     for record in front:
         if record.get("final"):
@@ -137,6 +137,4 @@ def verified_line(record: dict[str, Any]) -> str:
 
 
 def _say(line: str) -> None:
-    import sys
-
     print(line, file=sys.stderr, flush=True)
