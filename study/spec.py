@@ -30,6 +30,7 @@ from study.config import (
     show,
 )
 from study.reproducibility import threads_for_cpus
+from study.stopping import EARLY_STOPPING_RULES, EarlyStopping, EarlyStoppingConfig, decide_early_stopping
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVE_DIRECTIONS = {
@@ -114,25 +115,6 @@ class MlflowConfig(_Strict):
         return value
     experiment: str | None = None
     """Experiment name; None = the study name."""
-
-
-EARLY_STOPPING_RULES = ("mo_asha", "asha")
-
-
-class EarlyStoppingConfig(_Strict):
-    """Early stopping at successive-halving rungs. Stopped trials are excluded from the front and told
-    to Optuna as pruned. In a spec, ``early_stopping: mo_asha`` (or ``asha``, ``off``) is short for
-    ``{enabled: true, rule: mo_asha}``."""
-
-    enabled: bool = False
-    """Off by default: a stopped trial's numbers are under-trained."""
-    rule: Literal[EARLY_STOPPING_RULES] = "mo_asha"  # type: ignore[valid-type]
-    """mo_asha: rungs ranked by non-dominated sorting of the objectives on validation numbers (Schmucker
-    et al. 2021) | asha: Ray Tune's single-metric ASHA on validation clean accuracy."""
-    grace_epochs: int = Field(3, ge=1, le=1000)
-    """Epochs every trial runs before it can be stopped."""
-    reduction_factor: int = Field(3, ge=2, le=1000)
-    """ASHA reduction factor."""
 
 
 _DEFENSE_FORMS = "a defense name (kap) or a mapping {name: kap, <parameter>: value, ...}"
@@ -237,11 +219,15 @@ class StudySpec(_Strict):
     @field_validator("early_stopping", mode="before")
     @classmethod
     def _early_stopping_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML reads a bare off / on (and false / true) as a bool
+            return {"enabled": value}
         if isinstance(value, str):
             if value == "off":
                 return {"enabled": False}
+            if value == "auto":
+                return {"enabled": "auto"}
             if value not in EARLY_STOPPING_RULES:
-                raise ValueError(f"unknown rule {show(value)}; allowed: {', '.join(EARLY_STOPPING_RULES)}, off "
+                raise ValueError(f"unknown rule {show(value)}; allowed: {', '.join(EARLY_STOPPING_RULES)}, auto, off "
                                  "or a mapping {enabled: true, rule: mo_asha, grace_epochs: 3, reduction_factor: 3}")
             return {"enabled": True, "rule": value}
         return value
@@ -337,6 +323,14 @@ class StudySpec(_Strict):
             raise ValueError("val_fraction: a study scores trials on the validation split; must be > 0 "
                              "and < 0.5 (default 0.15)")
         return value
+
+    @property
+    def stopping(self) -> EarlyStopping:
+        """The early stopping this study runs. The spec keeps what its author wrote (``auto`` stays
+        ``auto``, so changing ``num_trials`` on the command line decides again); every reader of the
+        decision (scheduler, trial configs, the driver's log and MLflow) asks here."""
+        return decide_early_stopping(self.early_stopping, self.num_trials, self.training.epochs,
+                                     epochs_searched="epochs" in self.search_training)
 
     @property
     def directions(self) -> list[str]:
@@ -450,7 +444,8 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
     for pname, target in to_training.items():
         if pname in defense_params:
             training_updates[target] = defense_params.pop(pname)
-    if spec.early_stopping.enabled and spec.early_stopping.rule == "mo_asha" and spec.training.val_eps is None:
+    stopping = spec.stopping
+    if stopping.enabled and stopping.rule == "mo_asha" and spec.training.val_eps is None:
         # MO-ASHA compares trials on the per-epoch validation robust accuracy: at the search
         # epsilon, not each trial's own adv_eps (a trial trained at a small epsilon would look
         # robust and stop the ones trained for the objective's epsilon).

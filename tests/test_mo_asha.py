@@ -13,6 +13,7 @@ import pickle
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from study.orchestration.mo_asha import Rungs, crowding_distances, milestones, non_dominated_ranks, promoted
 
@@ -150,5 +151,51 @@ def test_the_spec_selects_the_scheduler(tmp_path) -> None:
     assert isinstance(make_scheduler(parse_spec({**base, "early_stopping": "asha"})), ASHAScheduler)
     off = parse_spec({**base, "early_stopping": "off"})
     assert make_scheduler(off) is None and trial_config_for(off, point).training.val_eps is None
-    with pytest.raises(ConfigError, match="early_stopping.*allowed: mo_asha, asha, off"):
+    with pytest.raises(ConfigError, match="early_stopping.*allowed: mo_asha, asha, auto, off"):
         parse_spec({**base, "early_stopping": "hyperband"})
+
+
+# auto's rule, worked out by hand: on from 32 trials of at least 6 epochs (what bench search
+# measured winning), epochs not searched; the first rung at a third of the epochs.
+@pytest.mark.parametrize(("trials", "epochs", "searched", "on", "grace", "why"), [
+    (32, 6, None, True, 2, "auto: 32 trials of 6 epochs"),
+    (200, 10, None, True, 3, "auto: 200 trials of 10 epochs"),
+    (31, 9, None, False, 3, "auto: 31 trials, on from 32"),
+    (64, 5, None, False, 1, "auto: 5 epochs per trial, on from 6"),
+    (64, 9, {"epochs": [6, 12]}, False, 3, "auto: epochs are searched"),
+])
+def test_auto_turns_early_stopping_on_only_where_it_was_measured_to_win(tmp_path, trials, epochs, searched, on,
+                                                                         grace, why) -> None:
+    from study.orchestration.scheduler import MultiObjectiveASHA, make_scheduler
+    from study.spec import parse_spec
+
+    data = {"name": "s", "defenses": ["kap"], "num_trials": trials, "training": {"epochs": epochs},
+            "storage": str(tmp_path)}
+    if searched:
+        data["search_training"] = searched
+    spec = parse_spec(data)
+    assert spec.early_stopping.enabled == "auto"  # the default, kept as written
+    stopping = spec.stopping
+    assert (stopping.enabled, stopping.rule, stopping.grace_epochs, stopping.reduction_factor) == (on, "mo_asha", grace, 3)
+    assert stopping.why.startswith(why)
+    assert isinstance(make_scheduler(spec), MultiObjectiveASHA) if on else make_scheduler(spec) is None
+    assert ("early stopping mo_asha: first rung at epoch" in stopping.describe()) == on
+
+
+def test_written_early_stopping_wins_over_auto_and_auto_decides_again_on_new_trial_counts(tmp_path) -> None:
+    from study.spec import load_spec, parse_spec
+
+    base = {"name": "s", "defenses": ["kap"], "training": {"epochs": 9}, "storage": str(tmp_path)}
+    off = parse_spec({**base, "num_trials": 64, "early_stopping": "off"}).stopping
+    assert not off.enabled and off.why == "set in the spec"
+    # Unquoted in YAML, off is a bool: it must mean off too.
+    assert not parse_spec(yaml.safe_load("early_stopping: off") | {**base, "num_trials": 64}).stopping.enabled
+    on = parse_spec({**base, "num_trials": 4, "early_stopping": {"enabled": True, "grace_epochs": 1}}).stopping
+    assert (on.enabled, on.grace_epochs) == (True, 1)
+    # What `robust-study run SPEC --trials N` does: re-parse the dumped spec with num_trials changed.
+    small = parse_spec({**base, "num_trials": 16, "early_stopping": "auto"})
+    assert not small.stopping.enabled
+    assert parse_spec({**small.model_dump(mode="json"), "num_trials": 40}).stopping.enabled
+    # The demo's 16 trials are below auto's threshold: it runs every trial to the end.
+    demo = load_spec("demo").stopping
+    assert not demo.enabled and demo.why == "auto: 16 trials, on from 32"

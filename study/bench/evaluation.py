@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,15 @@ logger = logging.getLogger(__name__)
 
 
 def _strong(args: tuple[str, dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
     from study.orchestration.verify import reevaluate
 
-    torch.set_num_threads(1)  # one core per worker process
     trial_dir, eval_data = args
     return reevaluate(trial_dir, eval_data)
 
 
 def bench_evaluation(name: str = "demo", storage: str | Path = "results", workers: int | None = None) -> dict[str, Any]:
     """Strong-attack every trial of study ``name`` and compare the costs and fronts."""
+    from study.bench.pool import spawn_pool
     from study.orchestration.runner import load_records
     from study.results.pareto import front_of_records
     from study.spec import StudySpec
@@ -48,7 +45,7 @@ def bench_evaluation(name: str = "demo", storage: str | Path = "results", worker
     eval_data = spec.final_eval.model_dump(mode="json")
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     logger.info("bench evaluation: strong suite on %d trials of %r, %d at a time", len(todo), name, workers)
-    with ProcessPoolExecutor(workers) as pool:
+    with spawn_pool(workers) as pool:
         strong = list(pool.map(_strong, [(r["checkpoint"], eval_data) for r in todo]))
 
     search_s = sum(r.get("eval_seconds") or 0.0 for r in todo)

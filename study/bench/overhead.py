@@ -32,13 +32,12 @@ benchmark checks that they do.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from study.bench.pool import spawn_pool
 from study.orchestration.runner import params_key, trial_seconds
 from study.spec import StudySpec, bench_spec, trial_config_for
 
@@ -106,21 +105,11 @@ def _loop(spec: StudySpec, params: list[dict[str, Any]], threads: int) -> tuple[
         torch.set_num_threads(before)
 
 
-def _pool_worker_init(checks_level: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    # The workers say as much about the trials' integrity checks as the calling process does.
-    logging.getLogger("study.evaluation.checks").setLevel(checks_level)
-
-
 def _pool(spec: StudySpec, params: list[dict[str, Any]], workers: int) -> tuple[float, list[dict[str, Any]]]:
     # Fresh interpreters (spawn), like Ray's workers: their imports are part of what is timed.
-    context = multiprocessing.get_context("spawn")
     spec_data = spec.model_dump(mode="json")
     start = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_worker_init,
-                             initargs=(logging.getLogger("study.evaluation.checks").getEffectiveLevel(),)) as pool:
+    with spawn_pool(workers) as pool:
         futures = [pool.submit(_one_trial, spec_data, p, f"pool_{i}") for i, p in enumerate(params)]
         results = [f.result() for f in futures]
     return time.perf_counter() - start, results

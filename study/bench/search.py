@@ -22,9 +22,9 @@ import math
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from study.bench.pool import spawn_pool
 from study.spec import StudySpec, bench_spec, trial_config_for
 
 __all__ = ["SAMPLERS", "STRATEGIES", "bench_search", "core_seconds_to_reach", "format_search", "search_spec"]
@@ -47,10 +47,11 @@ def search_spec(sampler: str = "tpe", seed: int = 0, epochs: int = 2, early_stop
     A trial is ~2 s on one core (600 training images, two epochs, PGD-5 on 100 test images).
     ``early_stopping`` (``mo_asha``) turns the study's early stopping on, first rung at
     ``grace`` epochs (default a third of the epochs). The workload: ``study/specs/bench/search.yaml``."""
-    updates: dict[str, Any] = {}
+    # Each strategy says whether it stops early: the spec's ``auto`` must not decide for it.
+    updates: dict[str, Any] = {"early_stopping": {"enabled": False}}
     if early_stopping:
-        updates["early_stopping"] = {"enabled": True, "rule": early_stopping,
-                                     "grace_epochs": grace or max(1, epochs // 3), "reduction_factor": reduction_factor}
+        updates["early_stopping"] = {"enabled": True, "rule": early_stopping, "grace_epochs": grace,
+                                     "reduction_factor": reduction_factor}
     return bench_spec("search", source="bench search", sampler={"name": sampler, "seed": seed},
                       training={"epochs": epochs}, **updates)
 
@@ -124,19 +125,17 @@ def _search(strategy: str, seed: int, n: int, epochs: int, budget: float | None 
     """One search: n trials (or, with a ``budget`` of core-seconds, until it is spent); returns
     the hypervolume and the cumulative core-seconds after each trial."""
     import optuna
-    import torch
 
     from study.orchestration.mo_asha import Rungs
     from study.orchestration.searcher import make_sampler
     from study.results.pareto import hypervolume_history
 
-    torch.set_num_threads(1)  # one core per search process
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler, stopping = strategy_parts(strategy)
     spec = search_spec(sampler, seed, epochs, early_stopping=stopping, grace=grace, reduction_factor=reduction_factor)
     space = spec.conditional_space()
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=make_sampler(spec))
-    rungs = (Rungs(["max", "max"], spec.early_stopping.grace_epochs, spec.early_stopping.reduction_factor, epochs)
+    rungs = (Rungs(["max", "max"], spec.stopping.grace_epochs, spec.stopping.reduction_factor, epochs)
              if stopping else None)
     points: list[tuple[float, float]] = []
     costs: list[float] = []
@@ -207,7 +206,7 @@ def bench_search(seeds: int = 3, max_trials: int = 64, samplers: tuple[str, ...]
     workers = workers or max(1, min(len(first) + len(later), os.cpu_count() or 1))
     logger.info("bench search: %d searches (%d epochs per trial) on %d worker processes", len(first) + len(later),
                 epochs, workers)
-    with ProcessPoolExecutor(workers) as pool:
+    with spawn_pool(workers) as pool:  # one torch thread per search
         futures = {job: pool.submit(_search, job[0], job[1], max_trials, epochs, None, grace, reduction_factor)
                    for job in first}
         if early_trials:

@@ -326,10 +326,12 @@ def run_study(
 
     quiet_library_env()
     ray_line = start_ray_and_tracking(spec, uri, target)
+    # Early stopping decides which trials are finished: say which applies (auto decides per study).
+    stopping_line = spec.stopping.describe()
     if progress:
-        print(ray_line, file=sys.stderr, flush=True)  # beside the progress lines
+        print(f"{ray_line}\n{stopping_line}", file=sys.stderr, flush=True)  # beside the progress lines
     else:
-        log.info(ray_line)
+        log.info("%s; %s", ray_line, stopping_line)
 
     # A remote study's MLflow artifacts go to the URI too (MLflow writes s3:// or gs:// itself).
     artifact_root = f"{spec.storage}/mlartifacts" if remote else spec.study_dir().parent / "mlartifacts"
@@ -339,7 +341,8 @@ def run_study(
         spec.name,
         state.get("parent_run_id"),
         params={"spec": json.dumps(spec.model_dump(mode="json"))[:6000], "num_trials": spec.num_trials,
-                "sampler": spec.sampler.name, "objectives": ",".join(spec.objectives)},
+                "sampler": spec.sampler.name, "objectives": ",".join(spec.objectives),
+                "early_stopping": stopping_line},
         tags={"description": spec.description},
     )
     if not resume:

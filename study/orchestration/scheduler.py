@@ -70,7 +70,7 @@ class MultiObjectiveASHA(FIFOScheduler):
 
 def make_scheduler(spec: StudySpec) -> TrialScheduler | None:
     """The spec's early-stopping scheduler, or None when early stopping is off."""
-    es = spec.early_stopping
+    es = spec.stopping
     if not es.enabled:
         return None
     if es.rule == "mo_asha":
