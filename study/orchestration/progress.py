@@ -10,14 +10,17 @@ from ray.tune import Callback
 
 
 class ProgressLine(Callback):
-    """Prints one line per finished trial: done/running/failed and the best trusted numbers so far,
-    all on the validation split (what the search sees; the test split waits for verification)."""
+    """Prints one line per finished trial: done/running/stopped/failed and the best trusted numbers
+    so far, all on the validation split (what the search sees; the test split waits for
+    verification). A trial the early stopping ended has no final report: it counts as stopped,
+    not failed (with early stopping on, many trials end that way by design)."""
 
     def __init__(self, total: int, directions: list[str]) -> None:
         self.total = total
         self.directions = directions
         self.start = time.monotonic()
         self.done = 0
+        self.stopped = 0
         self.failed = 0
         self.best: dict[str, float] = {}
 
@@ -29,8 +32,8 @@ class ProgressLine(Callback):
         best = "  ".join(f"best val {k.split('_')[1]} {100 * v:.1f}%" for k, v in self.best.items())
         elapsed = time.monotonic() - self.start
         print(
-            f"[{self.done + self.failed:>3}/{self.total}] {elapsed:6.0f}s  done {self.done}  running {running}  "
-            f"failed {self.failed}  {best}  | {text}",
+            f"[{self.done + self.stopped + self.failed:>3}/{self.total}] {elapsed:6.0f}s  done {self.done}  "
+            f"running {running}  stopped {self.stopped}  failed {self.failed}  {best}  | {text}",
             file=sys.stderr,
             flush=True,
         )
@@ -48,9 +51,13 @@ class ProgressLine(Callback):
                 f"{defense}: val clean {100 * result['val_clean_accuracy']:.1f}% robust "
                 f"{100 * result['val_robust_accuracy']:.1f}%{mark}"
             )
+        elif not result.get("final"):
+            # Ended by the scheduler after a per-epoch report (whose status says "running").
+            self.stopped += 1
+            text = f"{defense}: stopped early at epoch {result.get('epoch', '?')}"
         else:
             self.failed += 1
-            text = f"{defense}: {result.get('status', 'stopped')} {result.get('reason', '')}".strip()
+            text = f"{defense}: {result.get('status', 'failed')} {result.get('reason', '')}".strip()
         self._line(trials, text)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

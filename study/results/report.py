@@ -4,6 +4,7 @@ answer per defense and the hyperparameters that mattered."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,19 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def count_line(name: str, records: Sequence[Mapping[str, Any]], seconds: float) -> str:
+    """How the study's trials ended. Stopped early is by design (early stopping), not a fault, so
+    it is counted apart from failed (diverged, raised)."""
+    done = sum(r["status"] == "completed" for r in records)
+    stopped = sum(r["status"] == "stopped" for r in records)
+    untrusted = sum(r["status"] == "completed" and not r["trusted"] for r in records)
+    return (f"study {name}: {len(records)} trials ({done} completed, {stopped} stopped early, "
+            f"{len(records) - done - stopped} failed, {untrusted} untrusted) in {seconds:.0f}s")
+
+
 def report_study(outcome: Any, spec: Any) -> None:
     records = outcome.records
-    done = sum(r["status"] == "completed" for r in records)
-    untrusted = sum(r["status"] == "completed" and not r["trusted"] for r in records)
-    print(
-        f"\nstudy {spec.name}: {len(records)} trials ({done} completed, {len(records) - done} failed/stopped, "
-        f"{untrusted} untrusted) in {outcome.seconds:.0f}s"
-    )
+    print("\n" + count_line(spec.name, records, outcome.seconds))
     from study.results.export import front_to_quote
 
     print(format_front(outcome.front, f"\nSearch front (validation split; search attacks: "
