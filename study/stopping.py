@@ -17,11 +17,12 @@ __all__ = ["AUTO_MIN_EPOCHS", "AUTO_MIN_TRIALS", "EARLY_STOPPING_RULES", "EarlyS
            "decide_early_stopping"]
 
 EARLY_STOPPING_RULES = ("mo_asha", "asha")
-#: Where ``auto`` turns MO-ASHA on: the study size at which ``bench search`` measured it winning
-#: (32 trials of 6 epochs: TPE + MO-ASHA reached random search's front with 41 % of its
-#: core-seconds, TPE alone 84 %; docs/benchmarks.md). Smaller studies leave the rungs too few
-#: peers to rank, and shorter trials make the first rung most of a trial's cost: not measured.
-AUTO_MIN_TRIALS = 32
+#: Where ``auto`` turns MO-ASHA on: the study sizes at which ``bench search`` measured it winning
+#: (trials of 6 epochs, 3 seeds; docs/benchmarks.md). At 32 trials TPE + MO-ASHA reached random
+#: search's front with 41 % of random's core-seconds, TPE alone 84 %; at 16 trials 56 % and 68 %.
+#: Fewer trials leave the rungs too few peers to rank, and shorter trials make the first rung
+#: most of a trial's cost: neither was measured, so auto leaves them alone.
+AUTO_MIN_TRIALS = 16
 AUTO_MIN_EPOCHS = 6
 
 
