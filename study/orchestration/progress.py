@@ -8,6 +8,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from study.results.records import trial_outcome
+
 
 class ProgressLine(Callback):
     """Prints one line per finished trial: done/running/stopped/failed and the best trusted numbers
@@ -41,7 +43,10 @@ class ProgressLine(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         defense = trial.config.get("defense", "?")
-        if result.get("final") and result.get("status") == "completed":
+        # The one classification of a trial's ending (trials.json, Optuna and MLflow use it too);
+        # a trial reaching this callback did not raise (those go to on_trial_error).
+        status = trial_outcome(result, raised=False)["status"]
+        if status == "completed":
             self.done += 1
             if result.get("trusted"):
                 for key in ("val_clean_accuracy", "val_robust_accuracy"):
@@ -51,13 +56,12 @@ class ProgressLine(Callback):
                 f"{defense}: val clean {100 * result['val_clean_accuracy']:.1f}% robust "
                 f"{100 * result['val_robust_accuracy']:.1f}%{mark}"
             )
-        elif not result.get("final"):
-            # Ended by the scheduler after a per-epoch report (whose status says "running").
+        elif status == "stopped":  # ended by the scheduler after a per-epoch report
             self.stopped += 1
             text = f"{defense}: stopped early at epoch {result.get('epoch', '?')}"
         else:
             self.failed += 1
-            text = f"{defense}: {result.get('status', 'failed')} {result.get('reason', '')}".strip()
+            text = f"{defense}: {status} {result.get('reason', '')}".strip()
         self._line(trials, text)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
