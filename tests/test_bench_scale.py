@@ -172,3 +172,20 @@ def test_a_short_scale_run_goes_through_the_real_driver_and_every_store_agrees(t
         )
     text = scale.format_scale(m)
     assert "consistent: ok" in text and f"{n} synthetic trials" in text
+
+
+def test_rays_advice_about_a_slow_define_by_run_space_is_silenced_and_other_warnings_are_not() -> None:
+    # Past ~1,000 trials TPE's suggestion alone takes ~1 s, and Ray warned on every trial that the
+    # space "took 1.09 seconds to run" with advice that does not apply to a space that only suggests.
+    import warnings
+
+    from study.orchestration.runner import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn("Define-by-run function passed in the `space` argument took 1.09 seconds to run. "
+                      "Ensure that actual computation, training takes place inside Tune's train functions",
+                      UserWarning, stacklevel=1)
+        warnings.warn("something else took 1.09 seconds", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else took 1.09 seconds"]

@@ -288,3 +288,23 @@ def test_plot_timeline_png(tmp_path):
     recs = [_timed(0, 100.0, 110.0), _timed(1, 101.0, 105.0, "cas", trusted=False), _timed(2, 105.0, 120.0, "none")]
     _assert_png(plots.plot_timeline_png(recs, tmp_path / "t" / "timeline.png", title="t"))
     _assert_png(plots.plot_timeline_png([], tmp_path / "empty.png", title="empty"))
+
+
+def test_timeline_marks_trials_stopped_early(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), real_savefig(self, *a, **k))[1])
+    stopped = {**_timed(1, 101.0, 105.0, "cas", trusted=False), "status": "stopped", "eval_seconds": None}
+    plots.plot_timeline_png([_timed(0, 100.0, 110.0), stopped], tmp_path / "timeline.png", title="t")
+    plots.plot_timeline_png([_timed(0, 100.0, 110.0)], tmp_path / "none_stopped.png", title="t")
+    with_stop, without = (fig.axes[0] for fig in figures)
+    assert "stopped early" in [t.get_text() for t in with_stop.get_legend().get_texts()]
+    assert "stopped early" not in [t.get_text() for t in without.get_legend().get_texts()]
+    # Bars as (start, width) from the first start: trial 0 is set-up 2 s, training 5 s from 2 s,
+    # attacks 3 s; the stopped trial (4 s from 1 s, trained 2 s, never attacked) is set-up 2 s, then
+    # training from 3 s for 2 s, which alone is dotted.
+    hatches = {(round(p.get_x(), 3), round(p.get_width(), 3)): p.get_hatch() for p in with_stop.patches}
+    assert hatches[(3.0, 2.0)] == "..."
+    assert hatches[(2.0, 5.0)] is None and hatches[(7.0, 3.0)] == "///"

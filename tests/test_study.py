@@ -176,6 +176,10 @@ def test_early_stopped_trials_never_reach_the_front_or_optuna(tmp_path: Path, ru
     stopped = [r for r in records if r["status"] == "stopped"]
     assert stopped, "ASHA stopped no trial"
     assert not any(r["on_front"] for r in stopped)
+    for r in stopped:  # what a stopped trial spent stays in its record (timeline, worker-seconds)
+        assert r["val_clean_accuracy"] is None and r["eval_seconds"] is None, r
+        assert 0 < r["train_seconds"] <= r["ended_at"] - r["started_at"], r
+    assert (tmp_path / "results" / "asha" / "timeline.png").is_file()
     import optuna
 
     study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'results' / 'asha' / 'optuna.db'}")

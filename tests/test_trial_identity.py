@@ -73,6 +73,25 @@ def test_the_same_trial_twice_keeps_the_final_result_over_a_later_unfinished_att
     assert records[0]["status"] == "completed" and records[0]["val_clean_accuracy"] == 0.8
 
 
+def test_a_stopped_trial_keeps_the_times_of_its_last_epoch_report_and_a_failed_one_has_none() -> None:
+    # Early stopping ends a trial on a per-epoch report: its record keeps when it ran and how long
+    # it trained, but no objective (it was never attacked).
+    from study.orchestration.runner import collect_records
+
+    epoch = {"epoch": 2, "final": 0, "status": "running", "val_clean_accuracy": 0.5, "timestamp": 50,
+             "started_at": 1000.0, "ended_at": 1012.5, "trained_seconds": 9.25}
+    stopped = _result("_trainable_bbbb0000_2_defense=none_2026-12-03_13-40-00", {**epoch, "trial_id": "bbbb0000"})
+    failed = _result("_trainable_cccc0000_3_defense=none_2026-12-03_13-40-00", {**epoch, "trial_id": "cccc0000"},
+                     error=RuntimeError("worker died"))
+    by_id = {r["trial_id"]: r for r in collect_records(SimpleNamespace(), [stopped, failed])}
+    assert by_id["bbbb0000"]["status"] == "stopped"
+    assert (by_id["bbbb0000"]["started_at"], by_id["bbbb0000"]["ended_at"]) == (1000.0, 1012.5)
+    assert by_id["bbbb0000"]["train_seconds"] == 9.25
+    assert by_id["bbbb0000"]["val_clean_accuracy"] is None and by_id["bbbb0000"]["eval_seconds"] is None
+    assert by_id["cccc0000"]["status"] == "failed"
+    assert by_id["cccc0000"]["started_at"] is None and by_id["cccc0000"]["train_seconds"] is None
+
+
 def test_two_unfinished_attempts_keep_the_later_one_and_no_trial_is_dropped() -> None:
     records = [
         {"trial_id": "a", "status": "stopped", "val_clean_accuracy": None, "finished_at": 5},

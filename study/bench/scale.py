@@ -374,9 +374,10 @@ def format_scale(m: dict[str, Any]) -> str:
         + f"; in the last {size} trials the sampler took {m['sampler_last_window_s']:.1f} s of the driver's "
         f"{last_driver:.1f} s"
     )
-    # Said every run, so that nobody reads the numbers as already mitigated.
+    # Said every run, so that nobody reads the numbers as mitigated further than they are.
     lines.append(
-        "  the study does nothing about it: every suggestion conditions on the whole history (TPE, multivariate, "
+        "  what the study does about it: reads the trials once per suggestion, not once per subspace "
+        "(study/orchestration/tpe.py); every suggestion still conditions on the whole history (TPE, multivariate, "
         "group, constant liar; docs/benchmarks.md, Scale)"
     )
     lines += [

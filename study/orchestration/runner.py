@@ -92,6 +92,11 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
             "status": "running",
             "trusted": 0,
             **{f"epoch_{k}": float(v) for k, v in report.metrics.items()},
+            # So far: a trial the scheduler stops ends on this report, and its record keeps
+            # where its time went (the timeline shows the time early stopping spent).
+            "started_at": started_at,
+            "ended_at": time.time(),
+            "trained_seconds": float(report.checkpoint.get("seconds", 0.0)),
         }
         last_epoch.update({k: v for k, v in metrics.items() if k.startswith("epoch_")})
         with tempfile.TemporaryDirectory() as directory:
@@ -168,6 +173,11 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Ray times the define-by-run space around Optuna's sampling, so past ~1,000 trials TPE's own
+    # suggestion time (~1 s here, docs/benchmarks.md, Scale) made it warn on every trial, advice
+    # ("move computation into the trainable") that does not apply: the space only suggests.
+    warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument took",
+                            category=UserWarning)
 
 
 def init_ray(spec: StudySpec, target: RayTarget | None = None) -> None:
@@ -433,6 +443,8 @@ def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
         params = {k: v for k, v in (result.config or {}).items()}
         final = bool(metrics.get("final"))
         outcome = trial_outcome(metrics, raised=bool(result.error))
+        # A trial stopped by the scheduler ended on a per-epoch report, which carries its times so far.
+        timed = final or outcome["status"] == "stopped"
         record: TrialRecord = {
             # Tune puts the id on every result; the folder name carries it too (trial_files reads it
             # the same way), so a trial is one id in trials.json and MLflow alike.
@@ -449,15 +461,17 @@ def collect_records(spec: StudySpec, grid: Any) -> list[TrialRecord]:
             "resumed_from_epoch": metrics.get("resumed_from_epoch", 0),
             "finished_at": metrics.get("timestamp", 0),
             # Wall-clock start/end in the worker and the seconds blocked in per-epoch reports
-            # (the overhead benchmark's timeline; absent for trials that never finished).
-            "started_at": metrics.get("started_at") if final else None,
-            "ended_at": metrics.get("ended_at") if final else None,
+            # (the timeline; absent for trials that failed or never reported).
+            "started_at": metrics.get("started_at") if timed else None,
+            "ended_at": metrics.get("ended_at") if timed else None,
             "report_seconds": metrics.get("report_seconds") if final else None,
             "reproducibility": json.loads(metrics.get("reproducibility_json") or "{}") if final else {},
         }
         for objective in ("val_clean_accuracy", "val_robust_accuracy", "train_seconds", "eval_seconds",
                           "num_parameters"):
             record[objective] = float(metrics.get(objective, 0.0)) if final else None  # type: ignore[literal-required]
+        if outcome["status"] == "stopped" and metrics.get("trained_seconds") is not None:
+            record["train_seconds"] = float(metrics["trained_seconds"])  # the epochs it trained; never attacked
         record["split_sizes"] = json.loads(metrics.get("split_sizes_json") or "null") if final else None
         if final:
             record["reached"] = reached_values(metrics)

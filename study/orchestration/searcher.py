@@ -31,8 +31,10 @@ def make_sampler(spec: StudySpec) -> Any:
 
     s = spec.sampler
     if s.name == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
-                                          group=True, constant_liar=True)
+        from study.orchestration.tpe import ReadOnceTPESampler
+
+        return ReadOnceTPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
+                                  group=True, constant_liar=True)
     if s.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
     return optuna.samplers.RandomSampler(seed=s.seed)

@@ -127,8 +127,9 @@ def timeline_lanes(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, Mapp
 def plot_timeline_png(records: Sequence[Mapping[str, Any]], path: str | Path, *, title: str) -> Path:
     """A Gantt chart of the trials: one row per lane (see :func:`timeline_lanes`), one bar per
     trial split into set-up (imports, data, checkpoints: grey), training (its defense's colour)
-    and attacks (the same colour, hatched); untrusted trials are drawn paler. Gaps between bars
-    are time a slot did not run a trial: scheduling, or waiting for the last trial.
+    and attacks (the same colour, hatched); untrusted trials are drawn paler, and trials the
+    scheduler stopped early are dotted (they trained some epochs and were never attacked). Gaps
+    between bars are time a slot did not run a trial: scheduling, or waiting for the last trial.
 
     Args:
         records: Trial records with ``started_at``/``ended_at`` (wall-clock seconds) and
@@ -165,9 +166,10 @@ def plot_timeline_png(records: Sequence[Mapping[str, Any]], path: str | Path, *,
         setup = max(0.0, duration - train - attack)
         color = defense_color(str(r.get("defense", "none")))
         alpha = 1.0 if r.get("trusted") else 0.45
+        stopped = r.get("status") == "stopped"
         ax.barh(lane, setup, left=start, height=0.7, color="0.8", edgecolor="white", linewidth=0.5)
         ax.barh(lane, train, left=start + setup, height=0.7, color=color, alpha=alpha, edgecolor="white",
-                linewidth=0.5)
+                linewidth=0.5, hatch="..." if stopped else None)
         ax.barh(lane, attack, left=start + setup + train, height=0.7, color=color, alpha=alpha * 0.7,
                 hatch="///", edgecolor="white", linewidth=0.5)
         if duration > 0.04 * span:
@@ -177,6 +179,8 @@ def plot_timeline_png(records: Sequence[Mapping[str, Any]], path: str | Path, *,
     defenses = sorted({str(r.get("defense", "none")) for _, r in lanes})
     handles = [Patch(color="0.8", label="set-up")] + [Patch(color=defense_color(d), label=d) for d in defenses]
     handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="///", label="attacks"))
+    if any(r.get("status") == "stopped" for _, r in lanes):
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="...", label="stopped early"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35 if n_lanes < 3 else -0.15),
               ncol=min(len(handles), 10), fontsize=7, frameon=False)
     fig.savefig(out, format="png")
