@@ -141,6 +141,25 @@ def test_timed_sampler_sums_every_suggestion_call_per_trial_and_samples_each_tel
     assert [t for t, _ in probe.tells] == [100.0 + 19.0 + 16.0] and probe.tells[0][1] > 0
 
 
+def test_every_hundred_tells_log_a_progress_line_with_the_last_hundreds_rate(monkeypatch, caplog) -> None:
+    import logging
+
+    clock = _Clock()
+    monkeypatch.setattr(scale, "time", clock)
+    monkeypatch.setitem(scale._PROBES, "test", scale._Probe())
+    sampler = scale.TimedSampler(_SlowSampler(clock), "test")
+    caplog.set_level(logging.INFO, logger=scale.__name__)
+    for i in range(250):
+        clock.now += 0.5 if i < 100 else 2.0  # 0.5 s per trial, then 2 s
+        sampler.after_trial(None, None, None, [0.5, 0.5])
+    lines = [r.getMessage() for r in caplog.records if "trials finished" in r.getMessage()]
+    assert len(lines) == 2, lines
+    # The fake inner sampler's after_trial takes 16 s: tells 1..100 are 16.5 s apart, tells
+    # 101..200 18 s apart (the interval 100 -> 101 is 18 s too).
+    assert lines[0].startswith("bench scale: 100 trials finished, the last 99 at 16.500 s each; driver RSS ")
+    assert lines[1].startswith("bench scale: 200 trials finished, the last 99 at 18.000 s each; driver RSS ")
+
+
 def test_bad_trial_count_is_one_line_exit_2(capsys) -> None:
     with pytest.raises(SystemExit) as exit:
         cli.main(["bench", "scale", "--trials", "-3"])
