@@ -91,3 +91,38 @@ def test_the_study_samples_with_it() -> None:
     pytest.importorskip("ray")
     spec = scale_spec("results")
     assert isinstance(make_sampler(spec), ReadOnceTPESampler)
+
+
+def test_the_split_is_computed_once_per_input_within_the_block_and_optunas_is_back_after() -> None:
+    from optuna.samplers._tpe import sampler as tpe_module
+
+    from study.orchestration.tpe import split_once
+
+    optuna.logging.set_verbosity(logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for values in ([0.9, 0.1], [0.1, 0.9], [0.5, 0.5], [0.2, 0.2]):
+        study.tell(study.ask(), values)
+    trials = study.get_trials(deepcopy=False)
+    optunas = tpe_module._split_trials
+    calls = []
+
+    def counting(*args: Any) -> Any:
+        calls.append(args[2])
+        return optunas(*args)
+
+    tpe_module._split_trials = counting
+    try:
+        with split_once():
+            first = tpe_module._split_trials(study, trials, 3)
+            again = tpe_module._split_trials(study, list(trials), 3)
+            other = tpe_module._split_trials(study, trials, 1)
+            assert tpe_module._split_trials is not counting
+        assert tpe_module._split_trials is counting  # what was there before the block
+    finally:
+        tpe_module._split_trials = optunas
+    assert calls == [3, 1]  # the repeated input was answered from the first split
+    # By hand: the three non-dominated trials (#0, #1, #2) are the good ones when three are asked
+    # for; #3 (0.2, 0.2) is dominated by #2.
+    assert [t.number for t in first[0]] == [0, 1, 2] and [t.number for t in first[1]] == [3]
+    assert again == first and again[0] is not first[0]  # equal, in new lists
+    assert len(other[0]) == 1
