@@ -380,8 +380,8 @@ def format_scale(m: dict[str, Any]) -> str:
     )
     # Said every run, so that nobody reads the numbers as mitigated further than they are.
     lines.append(
-        "  what the study does about it: reads the trials once per suggestion, not once per subspace "
-        "(study/orchestration/tpe.py); every suggestion still conditions on the whole history (TPE, multivariate, "
+        "  what the study does about it: reads the trials and splits them into good and bad once per suggestion, "
+        "not once per subspace (study/orchestration/tpe.py); every suggestion still conditions on the whole history (TPE, multivariate, "
         "group, constant liar; docs/benchmarks.md, Scale)"
     )
     lines += [
