@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -356,9 +356,23 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return EXIT_OK
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise ConfigError(f"no MLflow store at {uri.removeprefix('sqlite:///')} (run a study first)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port",
+           str(args.port), "--workers", str(args.workers)]
     print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
-    return serve(cmd, name="robust-study ui")
+    return serve(cmd, name="robust-study ui", env=ui_environment(os.environ))
+
+
+def ui_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The UI server's environment: ``environ`` with MLflow's server-side job execution off
+    unless it says otherwise.
+
+    Those jobs serve MLflow's GenAI features (judges, prompt optimisation), not runs and metrics;
+    with them on, MLflow 3 starts a job runner and seven task consumers beside the web server,
+    each importing MLflow: measured here, 15 processes, 12 s to answer and 30 CPU-seconds in its
+    first half-minute, against 2 processes, 5-6.5 s and 4-6 CPU-seconds with the jobs off and
+    one web worker (docs/benchmarks.md, The MLflow UI's start).
+    """
+    return {**environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
 
 
 # --------------------------------------------------------------------------- parser
@@ -510,6 +524,8 @@ def build_parser() -> Parser:
                    "folder's (e.g. http://host:5000 or sqlite:///path/mlflow.db)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=5000, help="port to listen on (default 5000)")
+    p.add_argument("--workers", type=count, default=1, metavar="N",
+                   help="web server processes (default 1, enough for one person's browser; MLflow's own default is 4)")
     return parser
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -60,8 +60,9 @@ class _Signals:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
-def serve(cmd: Sequence[str], *, name: str, grace: float = 5.0) -> int:
-    """Run ``cmd`` until it exits or a stop signal arrives, then stop everything it started.
+def serve(cmd: Sequence[str], *, name: str, grace: float = 5.0, env: Mapping[str, str] | None = None) -> int:
+    """Run ``cmd`` (in ``env``, default this process's environment) until it exits or a stop
+    signal arrives, then stop everything it started.
 
     Returns:
         The server's exit status when it ended by itself (128 + N when a signal N ended it), or
@@ -72,7 +73,7 @@ def serve(cmd: Sequence[str], *, name: str, grace: float = 5.0) -> int:
     code = 0
     with _Signals() as signals:
         try:
-            proc = subprocess.Popen(list(cmd), start_new_session=True)
+            proc = subprocess.Popen(list(cmd), start_new_session=True, env=env)
             signals.armed = True
             if signals.received is None:  # no signal arrived while the server started
                 code = proc.wait()

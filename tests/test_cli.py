@@ -198,6 +198,7 @@ def test_bench_help_lists_the_defenses_and_recipes() -> None:
     (["--bogus", "pareto", "s"], "robust-study pareto: unrecognized arguments: --bogus"),
     (["run", "demo", "--trials", "0"], "robust-study run: argument --trials: expected a whole number of at least 1"),
     (["ui", "--port", "70000"], "robust-study ui: argument --port: expected a port number from 1 to 65535"),
+    (["ui", "--workers", "0"], "robust-study ui: argument --workers: expected a whole number of at least 1"),
     (["evaluate", "d", "--attack", "pgd", "--n", "x"], "robust-study evaluate: argument --n:"),
     (["export", "s"], "robust-study export: the following arguments are required: --out"),
     (["frobnicate"], "robust-study: argument COMMAND: invalid choice: 'frobnicate'"),
@@ -210,6 +211,30 @@ def test_usage_errors_are_one_line_naming_the_command_exit_2(args: list[str], ne
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1, err
     assert err.startswith(needle) and err.rstrip().endswith("--help)"), err
+
+
+def test_ui_server_runs_without_mlflow_job_execution_unless_the_environment_asks() -> None:
+    assert cli.ui_environment({"PATH": "/bin"}) == {"PATH": "/bin", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    asked = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
+    assert cli.ui_environment(asked) == asked
+
+
+def test_ui_passes_the_worker_count_and_environment_to_mlflow(tmp_path: Path, monkeypatch) -> None:
+    import study.ui_server
+
+    seen = {}
+    monkeypatch.setattr(study.ui_server, "serve", lambda cmd, *, name, env: seen.update(cmd=cmd, env=env) or 0)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "mlflow.db").touch()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["ui", "--port", "5123"]) == 0
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--workers") + 1] == "1" and cmd[cmd.index("--port") + 1] == "5123"
+    assert seen["env"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert cli.main(["ui", "--workers", "3"]) == 0
+    assert seen["cmd"][seen["cmd"].index("--workers") + 1] == "3"
 
 
 # --------------------------------------------------------------------------- exit status of a study
@@ -278,6 +303,13 @@ def _stat(pid: int) -> tuple[str, int, int, int] | None:
     return fields[0], int(fields[1]), int(fields[3]), int(fields[19])
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _processes() -> dict[int, tuple[str, int, int, int]]:
     found = {}
     for entry in Path("/proc").iterdir():
@@ -340,6 +372,9 @@ def test_ui_stops_the_server_and_all_its_workers_on_sigterm(tmp_path: Path) -> N
         server_sid = _stat(servers[0])[2]
         assert server_sid == servers[0] != ui.pid, "the server must lead a session of its own"
         assert len(tree) > 1, "expected the server to have started workers"
+        # MLflow's GenAI job runner and its task consumers are off (study.cli.ui_environment).
+        commands = [_cmdline(pid) for pid in tree]
+        assert not [c for c in commands if "huey" in c or "_job_runner" in c], commands
 
         os.kill(ui.pid, signal.SIGTERM)  # robust-study only, as a service manager would
         assert ui.wait(timeout=60) == 143
