@@ -94,7 +94,7 @@ def verify_front(spec: StudySpec, front: list[dict[str, Any]], *, progress: bool
             record["verified"] = True
         elif not record.get("checkpoint"):
             record.update(final=None, verified=False, final_error="no saved model to verify")
-    todo = [r for r in front if r.get("checkpoint") and not r.get("final")]
+    todo = longest_first([r for r in front if r.get("checkpoint") and not r.get("final")])
     if not todo:
         return
     device = "cuda" if spec.resources.gpu > 0 else "cpu"
@@ -122,6 +122,19 @@ def verify_front(spec: StudySpec, front: list[dict[str, Any]], *, progress: bool
         if progress:
             _say(f"[verify {len(todo) - len(waiting):>2}/{len(todo)}] {time.monotonic() - start:6.0f}s  "
                  + verified_line(record))
+
+
+def longest_first(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The order to submit verifications in: longest expected first, ties in the given order.
+
+    There are usually more front trials than workers, and their attacks differ tenfold (a model
+    AutoAttack breaks at once against a robust, widened one). Started last, the longest one
+    runs alone while the other workers idle; started first, the short ones fill in beside it
+    (longest-processing-time-first scheduling). Its expected length is its search evaluation's
+    (``eval_seconds``): the same model attacked more cheaply on the validation split, so robust
+    and costly models rank first there too. Records without it go last.
+    """
+    return sorted(records, key=lambda r: -(r.get("eval_seconds") or 0.0))
 
 
 def verified_line(record: dict[str, Any]) -> str:
