@@ -75,6 +75,34 @@ def warn_if_environment_differs(name: str, recorded: dict[str, str], current: di
     return bool(differences)
 
 
+#: The environment switch torch.compile's code generator (inductor) reads its determinism from
+#: when it is first imported.
+INDUCTOR_DETERMINISTIC = "TORCHINDUCTOR_DETERMINISTIC"
+
+
+def set_deterministic(mode: bool, *, warn_only: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=...)``, without loading torch's
+    compiler into a process that has not loaded it.
+
+    The public function also sets the flag of inductor (the code generator behind
+    torch.compile), and to do so imports it, and with it torch._dynamo: 1.5 s here. A trial
+    loads them anyway (torch.optim does), but a verification worker or ``robust-study evaluate``
+    does not otherwise: a small verification took 3.7-3.8 s, 2.25 s without the import. So
+    while inductor is not loaded only torch's own flag is set, and inductor's environment
+    switch is set to match, which an inductor loaded later (by a trial's optimizer) reads; once
+    it is loaded the public function sets both. Either way compiled code follows ``mode``.
+    """
+    import sys
+
+    import torch
+
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        os.environ[INDUCTOR_DETERMINISTIC] = "1" if mode else "0"
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
+
 @contextmanager
 def applied(
     settings: ReproducibilityConfig, *, device_type: str, seed: int, name: str = "trial"
@@ -98,9 +126,10 @@ def applied(
     )
     threads = settings.threads or before[0]
     torch.set_num_threads(threads)
+    inductor_env = os.environ.get(INDUCTOR_DETERMINISTIC)
     # warn_only: a kernel without a deterministic version (some CUDA backward passes) warns
     # instead of failing a trial hours into a study.
-    torch.use_deterministic_algorithms(settings.deterministic, warn_only=True)
+    set_deterministic(settings.deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = settings.deterministic
     torch.backends.cudnn.benchmark = not settings.deterministic and before[4]
     if settings.deterministic and device_type == "cuda":
@@ -118,7 +147,11 @@ def applied(
         }
     finally:
         torch.set_num_threads(before[0])
-        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        set_deterministic(before[1], warn_only=before[2])
+        if inductor_env is None:
+            os.environ.pop(INDUCTOR_DETERMINISTIC, None)
+        else:
+            os.environ[INDUCTOR_DETERMINISTIC] = inductor_env
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[3], before[4]
 
 

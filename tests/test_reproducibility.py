@@ -89,6 +89,47 @@ def test_determinism_switches_hold_during_the_block_and_are_restored() -> None:
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
 
 
+# A fresh interpreter: whether torch's compiler is loaded depends on what ran before in a process.
+COMPILER_PROBE = """
+import os, sys, torch
+from study.config import parse_trial_config
+from study.reproducibility import applied
+os.environ.pop("TORCHINDUCTOR_DETERMINISTIC", None)
+on = parse_trial_config({"reproducibility": {"deterministic": True}}).reproducibility
+with applied(on, device_type="cpu", seed=0):
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert "torch._inductor.config" not in sys.modules and "torch._dynamo" not in sys.modules
+    with applied(on, device_type="cpu", seed=0):  # nested: a second call changes nothing
+        pass
+    assert torch.are_deterministic_algorithms_enabled() and "torch._dynamo" not in sys.modules
+    if sys.argv[1] == "load":  # as a trial's optimizer does: the compiler loads inside the block
+        import torch._inductor.config as inductor
+        assert inductor.deterministic is True
+assert not torch.are_deterministic_algorithms_enabled()
+assert "TORCHINDUCTOR_DETERMINISTIC" not in os.environ
+if sys.argv[1] == "load":
+    assert inductor.deterministic is False  # restored with torch's own flag
+    with applied(on, device_type="cpu", seed=0):  # loaded now: both flags set at once
+        assert torch.are_deterministic_algorithms_enabled() and inductor.deterministic is True
+    assert not torch.are_deterministic_algorithms_enabled() and inductor.deterministic is False
+else:
+    assert "torch._inductor.config" not in sys.modules
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("compiler", ["load", "never"])
+def test_determinism_does_not_load_the_compiler_yet_compiled_code_follows_it(compiler: str) -> None:
+    # torch.use_deterministic_algorithms imports torch._inductor and torch._dynamo (1.5 s) to set
+    # inductor's flag; study.reproducibility.set_deterministic leaves them unloaded until something
+    # else loads them, and then inductor still follows the setting.
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", COMPILER_PROBE, compiler], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_seeds_of_python_and_numpy_are_set_from_the_trial_seed() -> None:
     import random
 
