@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -80,27 +81,42 @@ def warn_if_environment_differs(name: str, recorded: dict[str, str], current: di
 INDUCTOR_DETERMINISTIC = "TORCHINDUCTOR_DETERMINISTIC"
 
 
-def set_deterministic(mode: bool, *, warn_only: bool) -> None:
-    """``torch.use_deterministic_algorithms(mode, warn_only=...)``, without loading torch's
-    compiler into a process that has not loaded it.
+@contextmanager
+def deterministic_algorithms(mode: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(mode, warn_only=True)`` for the block, without loading
+    torch's compiler into a process that has not loaded it; everything is restored afterwards.
 
     The public function also sets the flag of inductor (the code generator behind
     torch.compile), and to do so imports it, and with it torch._dynamo: 1.5 s here. A trial
     loads them anyway (torch.optim does), but a verification worker or ``robust-study evaluate``
     does not otherwise: a small verification took 3.7-3.8 s, 2.25 s without the import. So
     while inductor is not loaded only torch's own flag is set, and inductor's environment
-    switch is set to match, which an inductor loaded later (by a trial's optimizer) reads; once
-    it is loaded the public function sets both. Either way compiled code follows ``mode``.
+    switch is set to match, which an inductor loaded later in the block (by a trial's
+    optimizer) reads; once it is loaded the public function sets both. Either way compiled code
+    follows ``mode``.
     """
-    import sys
-
     import torch
 
-    if "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
-    else:
-        os.environ[INDUCTOR_DETERMINISTIC] = "1" if mode else "0"
-        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+    def set_flags(on: bool, warn_only: bool) -> None:
+        if "torch._inductor.config" in sys.modules:
+            torch.use_deterministic_algorithms(on, warn_only=warn_only)
+        else:
+            torch._C._set_deterministic_algorithms(on, warn_only=warn_only)
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    env = os.environ.get(INDUCTOR_DETERMINISTIC)
+    os.environ[INDUCTOR_DETERMINISTIC] = "1" if mode else "0"
+    # warn_only: a kernel without a deterministic version (some CUDA backward passes) warns
+    # instead of failing a trial hours into a study.
+    set_flags(mode, warn_only=True)
+    try:
+        yield
+    finally:
+        set_flags(*before)
+        if env is None:
+            os.environ.pop(INDUCTOR_DETERMINISTIC, None)
+        else:
+            os.environ[INDUCTOR_DETERMINISTIC] = env
 
 
 @contextmanager
@@ -117,21 +133,11 @@ def applied(
     environment = current_environment(device_type)
     if settings.environment:
         warn_if_environment_differs(name, settings.environment, environment)
-    before = (
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-    )
+    before = (torch.get_num_threads(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     threads = settings.threads or before[0]
     torch.set_num_threads(threads)
-    inductor_env = os.environ.get(INDUCTOR_DETERMINISTIC)
-    # warn_only: a kernel without a deterministic version (some CUDA backward passes) warns
-    # instead of failing a trial hours into a study.
-    set_deterministic(settings.deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = settings.deterministic
-    torch.backends.cudnn.benchmark = not settings.deterministic and before[4]
+    torch.backends.cudnn.benchmark = not settings.deterministic and before[2]
     if settings.deterministic and device_type == "cuda":
         # cuBLAS is deterministic only with a fixed workspace (torch's reproducibility notes); it
         # reads this when the process first uses it, so it helps a fresh process or Ray worker.
@@ -140,19 +146,15 @@ def applied(
     random.seed(seed)
     np.random.seed(seed)
     try:
-        yield {
-            "threads": threads,
-            "deterministic": settings.deterministic,
-            "environment": environment,
-        }
+        with deterministic_algorithms(settings.deterministic):
+            yield {
+                "threads": threads,
+                "deterministic": settings.deterministic,
+                "environment": environment,
+            }
     finally:
         torch.set_num_threads(before[0])
-        set_deterministic(before[1], warn_only=before[2])
-        if inductor_env is None:
-            os.environ.pop(INDUCTOR_DETERMINISTIC, None)
-        else:
-            os.environ[INDUCTOR_DETERMINISTIC] = inductor_env
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[3], before[4]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
 
 def reproducible(run: Callable[..., R]) -> Callable[..., R]:

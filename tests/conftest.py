@@ -92,9 +92,11 @@ class MlflowServer:
             "--host", self.host, "--port", str(self.port),
             "--workers", "1",
         ]
-        # Without MLflow's GenAI job execution: the tests need runs and metrics only, and the job
-        # runner with its seven consumers tripled the server's start-up CPU (study.cli.ui_environment).
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        # The environment robust-study ui gives its server: no MLflow GenAI job runner and its seven
+        # consumers, which the tests do not need and which tripled the server's start-up CPU.
+        from study.cli import ui_environment
+
+        env = ui_environment(os.environ)
         with log.open("w") as out:
             self.proc = subprocess.Popen(
                 cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env

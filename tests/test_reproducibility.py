@@ -121,7 +121,7 @@ print("ok")
 @pytest.mark.parametrize("compiler", ["load", "never"])
 def test_determinism_does_not_load_the_compiler_yet_compiled_code_follows_it(compiler: str) -> None:
     # torch.use_deterministic_algorithms imports torch._inductor and torch._dynamo (1.5 s) to set
-    # inductor's flag; study.reproducibility.set_deterministic leaves them unloaded until something
+    # inductor's flag; study.reproducibility.deterministic_algorithms leaves them unloaded until something
     # else loads them, and then inductor still follows the setting.
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}

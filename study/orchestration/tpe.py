@@ -34,13 +34,13 @@ def trials_read_once(study: optuna.Study) -> Iterator[None]:
     suggestion by Optuna and pass through.
     """
     read = study._get_trials
-    memo: dict[tuple[Any, ...], list[optuna.trial.FrozenTrial]] = {}
+    memo: dict[tuple[optuna.trial.TrialState, ...] | None, list[optuna.trial.FrozenTrial]] = {}
 
     def get_trials(deepcopy: bool = True, states: Container[optuna.trial.TrialState] | None = None,
                    use_cache: bool = False) -> list[optuna.trial.FrozenTrial]:
         if use_cache:
             return read(deepcopy=deepcopy, states=states, use_cache=True)
-        key = (tuple(states) if states is not None else None,)
+        key = tuple(states) if states is not None else None
         if key not in memo:
             memo[key] = read(deepcopy=False, states=states, use_cache=False)
         # A new list each time (a caller may reorder it); copies of the trials if asked for.
@@ -67,7 +67,7 @@ def split_once() -> Iterator[None]:
 
     def split_trials(study: optuna.Study, trials: list[optuna.trial.FrozenTrial],
                      n_below: int) -> tuple[list[Any], list[Any]]:
-        key = (id(study), n_below, tuple(t._trial_id for t in trials))
+        key = (n_below, tuple(t._trial_id for t in trials))  # one study per block
         if key not in memo:
             memo[key] = split(study, trials, n_below)
         below, above = memo[key]
