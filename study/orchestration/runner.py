@@ -335,6 +335,9 @@ def run_study(
     from study.tracking import MlflowTrialLogger, StudyRun
 
     quiet_library_env()
+    import ray
+
+    owns_ray = not ray.is_initialized()  # started here, so stopped here (study.orchestration.finish)
     ray_line = start_ray_and_tracking(spec, uri, target)
     # Early stopping decides which trials are finished: say which applies (auto decides per study).
     stopping_line = spec.stopping.describe()
@@ -413,10 +416,11 @@ def run_study(
             store.upload(spec.storage, spec.name)
         raise study_interrupted(spec, study_run)
     records = collect_records(spec, grid)
+    from study.orchestration.finish import finish_study
     from study.tracking import MlflowUnsynced
 
     try:
-        front, final_front = finish_study(spec, records, study_run, progress=progress)
+        front, final_front = finish_study(spec, records, study_run, progress=progress, stop_ray=owns_ray)
     except MlflowUnsynced:
         _set_status(state_file, "finished, MLflow not synced")
         if remote:
@@ -492,63 +496,6 @@ def trial_seconds(record: dict[str, Any]) -> float:
 def params_key(params: dict[str, Any]) -> str:
     """A configuration as a canonical string: matches trials across runs by what they ran."""
     return json.dumps(params, sort_keys=True, default=str)
-
-
-def front_records(records: list[dict[str, Any]], objectives: list[str], directions: list[str],
-                  stage: str = "search") -> list[dict[str, Any]]:
-    """The records on the front (trusted, completed; see study.results.pareto.front_of_records)."""
-    from study.results.pareto import front_of_records
-
-    return [records[i] for i in front_of_records(records, objectives, directions, stage)]
-
-
-def _defense_front_records(spec: StudySpec, records: list[dict[str, Any]], front: list[dict[str, Any]]) -> list:
-    """Each defense's own front (records not already on the overall front), when the spec asks
-    for them to be verified too."""
-    if not spec.verify_defense_fronts:
-        return []
-    from study.results.pareto import defense_fronts
-
-    on_front = {id(r) for r in front}
-    wanted = {i for idx in defense_fronts(records, spec.objectives, spec.directions).values() for i in idx}
-    return [records[i] for i in sorted(wanted) if id(records[i]) not in on_front]
-
-
-def finish_study(spec: StudySpec, records: list[dict[str, Any]], study_run: Any, *,
-                 progress: bool = False) -> tuple[list, list]:
-    """Verify the front with the strong attacks on the test split, recompute it, write and log the
-    artifacts, and put each verified trial's test numbers on its MLflow run."""
-    from study.orchestration.importance import write_importances
-    from study.orchestration.searcher import close_orphaned_optuna_trials
-    from study.orchestration.verify import verify_front
-    from study.results.artifacts import write_study_artifacts
-
-    close_orphaned_optuna_trials(spec)
-    front = front_records(records, spec.objectives, spec.directions)
-    if spec.verify:
-        verify_front(spec, front + _defense_front_records(spec, records, front), progress=progress)
-    final_front = front_records(records, spec.objectives, spec.directions, stage="final")
-    for record in records:
-        record["on_front"] = record in front
-        record["on_final_front"] = record in final_front
-        record.setdefault("verified", None)
-    paths = write_study_artifacts(spec, records, front, final_front)
-    importance_path, importance_metrics = write_importances(spec, spec.study_dir() / "importances.json")
-    paths.append(importance_path)
-    study_run.log_verification(records)
-    study_run.log_artifacts(paths)
-    study_run.log_metrics(importance_metrics)
-    study_run.log_metrics(
-        {
-            "trials_completed": sum(r["status"] == "completed" for r in records),
-            "trials_failed": sum(r["status"] not in ("completed",) for r in records),
-            "front_size": len(front),
-            "final_front_size": len(final_front),
-            "front_unverified": sum(r.get("verified") is False for r in records),
-        }
-    )
-    study_run.finish()
-    return front, final_front
 
 
 def _set_status(state_file: Path, status: str) -> None:

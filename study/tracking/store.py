@@ -76,6 +76,9 @@ def open_store(uri: str) -> list[Path]:
             if p.exists():
                 break
             created.append(p)
+        from study.tracking.sqlite_template import seed_new_store
+
+        seed_new_store(path)
     _client(uri)
     return created
 
