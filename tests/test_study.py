@@ -64,6 +64,18 @@ def test_study_end_to_end_records_runs_artifacts_and_exports(tmp_path: Path) -> 
                  "timeline.png", "best.yaml", "optuna.db"):
         assert (study_dir / name).stat().st_size > 0, name
 
+    # Tune's files per trial: result.json (replay reads it) and progress.csv, no TensorBoard file;
+    # the experiment snapshot keeps no running statistics of a finished trial (tune_state).
+    trial_dirs = [p for p in (study_dir / "tune").iterdir() if p.is_dir()]
+    assert len(trial_dirs) == 4
+    for folder in trial_dirs:
+        assert (folder / "result.json").stat().st_size > 0 and (folder / "progress.csv").is_file()
+        assert not list(folder.glob("events.out.tfevents*")), sorted(p.name for p in folder.iterdir())
+    snapshot = json.loads(max((study_dir / "tune").glob("experiment_state-*.json")).read_text())
+    states = [json.loads(run_metadata) for _, run_metadata in snapshot["trial_data"]]
+    assert len(states) == 4 and all(s["last_result"] for s in states)
+    assert all(s["metric_analysis"] == {} and s["metric_n_steps"] == {} for s in states)
+
     uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
     parents, children = mlflow_runs(uri, "tiny")
     assert len(parents) == 1 and len(children) == 4

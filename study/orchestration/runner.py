@@ -158,6 +158,8 @@ def quiet_library_env() -> None:
     processes, from the main thread)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: silent at verbose=0
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # No TensorBoard file and writer thread per trial (study.orchestration.tune_state).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # MLflow 3 prints "View run ... at: URL" on stdout whenever a run ends on a tracking server.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
@@ -377,7 +379,9 @@ def run_study(
     if resume and tune.Tuner.can_restore(tune_path):
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        callbacks = [MlflowTrialLogger(uri, study_run.experiment_id, parent_id, spec.name),
+        from study.orchestration.tune_state import ForgetFinishedStatistics, trial_loggers
+
+        callbacks = [*trial_loggers(), MlflowTrialLogger(uri, study_run.experiment_id, parent_id, spec.name),
                      InterruptWatch(str(study_dir))]
         if remote:
             from study.orchestration.mirror import StudyMirror
@@ -385,6 +389,7 @@ def run_study(
             callbacks.append(StudyMirror(spec.storage, spec.name))
         if progress:
             callbacks.append(ProgressLine(spec.num_trials, spec.directions))
+        callbacks.append(ForgetFinishedStatistics())  # last: the callbacks before it read the trial
         from study.orchestration.scheduler import make_scheduler
 
         scheduler = make_scheduler(spec)
