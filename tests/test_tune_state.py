@@ -39,8 +39,23 @@ def test_statistics_are_dropped_when_a_trial_errs() -> None:
     assert json.loads(trial.get_json_state()[1])["metric_analysis"] == {}
 
 
-def test_the_study_keeps_results_json_and_csv_loggers_only() -> None:
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+def test_the_study_keeps_results_json_and_csv_and_no_tensorboard() -> None:
+    """Tune adds a default logger of each kind the callbacks lack: all three kinds are given, and
+    the TensorBoard one writes nothing."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+    from ray.tune.utils.callback import _create_default_callbacks
 
-    assert sorted(type(c).__name__ for c in trial_loggers()) == sorted(
-        [JsonLoggerCallback.__name__, CSVLoggerCallback.__name__])
+    loggers = trial_loggers()
+    kinds = (JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback)
+    assert [sum(isinstance(c, k) for c in loggers) for k in kinds] == [1, 1, 1]
+    tensorboard = next(c for c in loggers if isinstance(c, TBXLoggerCallback))
+    added = [c for c in _create_default_callbacks(list(loggers), air_verbosity=None) if c not in loggers]
+    assert not any(isinstance(c, kinds) for c in added)  # Tune adds no logger of its own
+
+    writers: list = []
+    tensorboard._summary_writer_cls = lambda *args, **kwargs: writers.append(args)  # Tune's own makes one per trial
+    trial = _trial()
+    tensorboard.log_trial_start(trial)
+    tensorboard.log_trial_result(1, trial, dict(trial.last_result))
+    tensorboard.log_trial_end(trial)
+    assert writers == []

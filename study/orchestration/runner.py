@@ -158,8 +158,6 @@ def quiet_library_env() -> None:
     processes, from the main thread)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: silent at verbose=0
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # No TensorBoard file and writer thread per trial (study.orchestration.tune_state).
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # MLflow 3 prints "View run ... at: URL" on stdout whenever a run ends on a tracking server.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
