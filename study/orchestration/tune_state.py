@@ -2,9 +2,9 @@
 
 A papers-scale study runs thousands of trials, and the Tune driver keeps every one of them until
 the study ends. A heap profile of ``bench scale`` (tracemalloc, trials 200 to 500) put 39 % of the
-driver's per-trial growth in Tune's running statistics of every reported number
+growth of the driver's Python heap per trial in Tune's running statistics of every reported number
 (``ray/tune/trainable/metadata.py``: max, min, mean, last, and windows of the last 5 and 10
-values, for each of the ~60 numbers a result carries, config included), which Tune also writes
+values, for each of the ~30 numbers a trial reports), which Tune also writes
 into the experiment snapshot it saves after every trial. Nothing in the study reads them: records
 come from a trial's last result and checkpoint (runner.collect_records); they serve
 ``ExperimentAnalysis.get_best_trial(scope=...)``, which the study never calls. So a finished

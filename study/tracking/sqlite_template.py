@@ -1,7 +1,7 @@
 """A new SQLite tracking store copied from a cached empty one.
 
 MLflow builds a new SQLite store's schema by replaying every migration it has ever shipped
-(about 60 Alembic revisions, 2.2 s here), and every study with the default store starts with a
+(67 Alembic scripts in MLflow 3.17, 2.2 s here), and every study with the default store starts with a
 new one. That work sat on the critical path of a study's start (the thread beside Ray's start,
 study.orchestration.runner.start_ray_and_tracking, was the longer of the two). The schema is the
 same for every store of one MLflow version, so it is built once per version, in the cache folder,
