@@ -571,6 +571,9 @@ def entry() -> int:
     """
     import gc
 
+    from study.malloc import limit_arenas
+
+    limit_arenas()  # before any thread: the driver's memory over long studies (study/malloc.py)
     code = main()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
