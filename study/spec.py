@@ -213,6 +213,11 @@ class StudySpec(_Strict):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     max_failures: int = Field(2, ge=0, le=1000)
     """Retries of a trial whose process died (from its last checkpoint)."""
+    checkpoint_every_seconds: float = Field(60.0, ge=0.0, le=86_400.0)
+    """A trial saves a resumable checkpoint at the end of an epoch once this many seconds of its
+    training have passed since its last one (0: every epoch). A failure loses at most this plus one
+    epoch. Every epoch checkpoint makes Ray Tune snapshot the whole study (CheckpointConfig(num_to_keep)),
+    whose cost grows with the number of trials, so short trials only save their final checkpoint."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Trial seed (data split, initialisation, attacks); the same for every trial so they compare."""
 

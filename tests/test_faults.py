@@ -135,7 +135,7 @@ def _trial_workers(driver_pid: int) -> list[int]:
 
 def _run_and_kill_a_trial(tmp_path: Path, name: str, max_failures: int) -> tuple[int, Path]:
     spec = tiny_spec(tmp_path, name=name, trials=3, training={"epochs": 6, "batch_size": 64},
-                     max_failures=max_failures, concurrency=1)
+                     max_failures=max_failures, concurrency=1, checkpoint_every_seconds=0)
     study_dir = tmp_path / "results" / name
     driver = subprocess.Popen(
         [sys.executable, "-m", "study", "run", str(spec)], cwd=tmp_path, stdout=subprocess.PIPE,

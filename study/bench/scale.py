@@ -7,8 +7,9 @@ objectives (``val_clean_accuracy``, ``val_robust_accuracy`` once labelled, as a 
 from the trial's configuration in microseconds: a smooth function of the searched values plus
 noise seeded by them, so that the same configuration always scores the same. Everything else is
 the real driver path: Ray Tune, the project's OptunaSearch with multi-objective TPE over the
-demo's space, one per-epoch report with a checkpoint and the final report with the trial's
-files, the MLflow run per trial, trials.json and the front.
+demo's space, one per-epoch report (without a checkpoint: a trial this short only saves its
+final one, ``checkpoint_every_seconds``) and the final report with the trial's files, the MLflow
+run per trial, trials.json and the front.
 
 With trials that cost nothing, the driver is the bottleneck, so the interval between two
 trials told to Optuna is the driver's time per trial. The sampler is wrapped

@@ -77,9 +77,11 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
     # driver (a function trainable's report blocks until the driver has processed the result).
     report_seconds = 0.0
     last_epoch: dict[str, float] = {}
+    # Training seconds at the last saved checkpoint (the resumed one, or the start).
+    checkpointed_at = float(resume.get("seconds", 0.0)) if resume else 0.0
 
     def on_epoch(report: Any) -> None:
-        nonlocal report_seconds
+        nonlocal report_seconds, checkpointed_at
         t0 = time.perf_counter()
         metrics = {
             **placeholders,
@@ -99,9 +101,14 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
             "trained_seconds": float(report.checkpoint.get("seconds", 0.0)),
         }
         last_epoch.update({k: v for k, v in metrics.items() if k.startswith("epoch_")})
-        with tempfile.TemporaryDirectory() as directory:
-            torch.save(report.checkpoint, Path(directory) / "state.pt")
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        trained = metrics["trained_seconds"]
+        if trained - checkpointed_at < spec.checkpoint_every_seconds:
+            tune.report(metrics)  # the scheduler still sees every epoch
+        else:
+            checkpointed_at = trained
+            with tempfile.TemporaryDirectory() as directory:
+                torch.save(report.checkpoint, Path(directory) / "state.pt")
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
         report_seconds += time.perf_counter() - t0
 
     result = (trial_fn or run_trial)(config, on_epoch=on_epoch, resume=resume, data=data)
@@ -408,7 +415,12 @@ def run_study(
                 storage_path=store.tune_storage_path(spec.storage, study_dir, spec.name),
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # One checkpoint per trial: the final one, or while it runs its latest epoch's
+                # (spec.checkpoint_every_seconds). Ray snapshots the study whenever a trial has
+                # checkpointed num_to_keep times since the last snapshot, so with 1 every finished
+                # trial is in a snapshot before anything can forget it (a killed driver resumes
+                # knowing it), at one snapshot per trial.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=0,
             ),
         )
