@@ -168,8 +168,11 @@ def test_worker_host_lost_mid_study_reschedules_its_trial_on_head(fault: str, tm
     try:
         cluster.start()
         # Epochs of ~0.2 s: 30 of them keep the worker's trial mid-training for seconds after its
-        # first checkpoint, so the fault reliably lands mid-trial.
-        spec = write_spec(tmp_path, cluster_spec(storage, "faultstudy", cluster.gcs_address, epochs=30))
+        # first checkpoint, so the fault reliably lands mid-trial. A checkpoint every epoch
+        # (checkpoint_every_seconds: 0): epochs this short would otherwise save none before the
+        # final one, and the retry would start over.
+        spec = write_spec(tmp_path, cluster_spec(storage, "faultstudy", cluster.gcs_address, epochs=30,
+                                                 checkpoint_every_seconds=0))
         start = time.perf_counter()
         log = tmp_path / "driver.log"
         driver = cluster.popen_in(cluster.head_ns, [str(VENV_BIN / "python"), "-m", "study", "run", str(spec)],
