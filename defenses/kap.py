@@ -360,6 +360,8 @@ class KernelAveragePool(nn.Module):
     def _max_pool(self, view: Tensor, axes: tuple[int, ...]) -> Tensor:
         """Kernel Max Pool on the (N, 1, *grid, M) view; autograd keeps PyTorch's max indices."""
         k, s, nd = self.kernel_size, self.stride, len(axes)
+        if not (torch.is_grad_enabled() and view.requires_grad):
+            return self._max_pool_values(view, nd)
         kernel = (k,) * nd + (1,)
         stride = (s,) * nd + (1,)
         # Pool with PyTorch's own (symmetric) padding when possible; otherwise pad explicitly:
@@ -371,6 +373,21 @@ class KernelAveragePool(nn.Module):
         padding = (self._left if symmetric else 0,) * nd + (0,)
         pool = F.max_pool2d if nd == 1 else F.max_pool3d
         return pool(view, kernel, stride, padding)
+
+    def _max_pool_values(self, view: Tensor, nd: int) -> Tensor:
+        """The same maxima without indices, for forward passes that need no gradient.
+
+        Why: max_pool2d/3d on this layout pools along a non-innermost axis one output at a time,
+        recording indices; attacks' forward-only queries (Square: thousands per sample) spent more
+        time there than in the widened convs. Padding with -inf, taking strided K-windows as a
+        view (``unfold``) and reducing them with ``amax`` is vectorized over M and gives the same
+        values: a maximum is exact, so the model's outputs do not change, only their cost.
+        """
+        k, s = self.kernel_size, self.stride
+        view = F.pad(view, (0, 0) + (self._left, self._right) * nd, value=float("-inf"))
+        for axis in range(2, 2 + nd):  # a 2D window's maximum is the maximum of its rows' maxima
+            view = view.unfold(axis, k, s).amax(dim=-1)
+        return view
 
     def extra_repr(self) -> str:
         text = f"kernel_size={self.kernel_size}, stride={self.stride}, dims={self.dims}, mode={self.mode!r}"

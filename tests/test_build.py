@@ -295,3 +295,34 @@ def test_layerset_validation() -> None:
         LayerSet(conv_width=0)
     with pytest.raises(ValueError, match="n_block_out=-1"):
         LayerSet(n_block_out=-1)
+
+
+def test_backbone_max_pool_without_autograd_skips_indices_and_keeps_values(monkeypatch) -> None:
+    from defenses.backbones import MaxPool2x2
+
+    # By hand: 3x3 -> 2x2 with ceil_mode, the last row/column windows hold only the real cells.
+    x = torch.tensor([[1.0, 5.0, 2.0], [3.0, 4.0, -7.0], [-1.0, -2.0, -3.0]]).view(1, 1, 3, 3)
+    expected = torch.tensor([[5.0, 2.0], [-1.0, -3.0]]).view(1, 1, 2, 2)
+    torch.manual_seed(8)
+    shapes = [(4, 3, 8, 8), (2, 5, 7, 7), (2, 2, 1, 6), (3, 4, 5, 2), (0, 3, 4, 4)]
+    inputs = [torch.randn(*shape, dtype=torch.float64) for shape in shapes]
+    reference = [nn.MaxPool2d(2, ceil_mode=True)(x) for x in inputs]
+    grad_x = inputs[1].clone().requires_grad_()
+    MaxPool2x2()(grad_x).sum().backward()  # with autograd: nn.MaxPool2d's own gradient
+    ref_x = inputs[1].clone().requires_grad_()
+    nn.MaxPool2d(2, ceil_mode=True)(ref_x).sum().backward()
+    assert torch.equal(grad_x.grad, ref_x.grad)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a forward pass without autograd must not pay for max indices")
+
+    monkeypatch.setattr(nn.functional, "max_pool2d", no_pool)
+    pool = MaxPool2x2()
+    assert torch.equal(pool(x), expected)
+    for inp, ref in zip(inputs, reference, strict=True):
+        assert torch.equal(pool(inp), ref)
+    with pytest.raises(AssertionError, match="max indices"):
+        pool(torch.randn(1, 1, 4, 4, requires_grad=True))
+    for backbone in ("small_cnn", "vgg16"):
+        pools = [m for m in build_model(backbone, num_classes=10, in_channels=1).modules() if isinstance(m, nn.MaxPool2d)]
+        assert pools and all(type(m) is MaxPool2x2 for m in pools)

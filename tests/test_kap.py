@@ -81,9 +81,12 @@ def test_1d_count_include_pad_false_divides_by_real_channels():
     ("k", "s", "c"),
     [(1, 1, 5), (2, 1, 6), (2, 2, 7), (3, 1, 8), (3, 2, 9), (3, 3, 10), (4, 1, 9), (4, 3, 11), (5, 2, 6), (5, 1, 3)],
 )
-def test_1d_matches_loop(k, s, c, mode, include_pad):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_1d_matches_loop(k, s, c, mode, include_pad, grad):
+    # grad: "max" pools with PyTorch's max_pool (indices for backward) only when autograd needs
+    # them, and with strided windows' amax otherwise; both must give the formula's values.
     torch.manual_seed(1)
-    x = torch.randn(2, c, 3, 2)
+    x = torch.randn(2, c, 3, 2, requires_grad=grad)
     kap = KernelAveragePool(kernel_size=k, stride=s, dims=1, mode=mode, count_include_pad=include_pad)
     y = kap(x)
     assert y.shape == (2, math.ceil(c / s), 3, 2) == (2, kap.out_channels(c), 3, 2)
@@ -96,9 +99,10 @@ def test_1d_matches_loop(k, s, c, mode, include_pad):
     ("k", "s", "c"),
     [(1, 1, 6), (2, 1, 12), (2, 2, 16), (3, 1, 12), (3, 1, 7), (3, 2, 64), (3, 3, 36), (4, 2, 16), (4, 4, 64)],
 )
-def test_2d_matches_loop(k, s, c, mode, include_pad):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_2d_matches_loop(k, s, c, mode, include_pad, grad):
     torch.manual_seed(2)
-    x = torch.randn(2, c, 2, 3)
+    x = torch.randn(2, c, 2, 3, requires_grad=grad)
     kap = KernelAveragePool(kernel_size=k, stride=s, dims=2, mode=mode, count_include_pad=include_pad)
     y = kap(x)
     assert y.shape[1] == kap.out_channels(c) == c // (s * s)
@@ -218,11 +222,13 @@ def test_bad_helper_arguments_raise():
 
 
 def test_odd_kernel_pools_without_padded_copy_and_keeps_dtype(monkeypatch):
+    # With autograd on (training, gradient attacks) a padded copy would be kept for backward; the
+    # forward-only "max" path pads a copy it frees at once, see the next test.
     def no_pad(*args, **kwargs):
         raise AssertionError("odd kernel sizes must pool on a view, without F.pad")
 
     monkeypatch.setattr(kap_module.F, "pad", no_pad)
-    x = torch.randn(2, 16, 4, 4, dtype=torch.float64)
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64, requires_grad=True)
     for dims in (1, 2):
         for mode in ("avg", "max"):
             for include_pad in (True, False):
@@ -230,6 +236,28 @@ def test_odd_kernel_pools_without_padded_copy_and_keeps_dtype(monkeypatch):
                 assert y.dtype == torch.float64 and y.shape == x.shape
     assert "kernel_size=3" in repr(KernelAveragePool(kernel_size=3))
     assert "count_include_pad" not in repr(KernelAveragePool(mode="max"))
+
+
+def test_max_mode_without_autograd_uses_no_max_pool_and_returns_the_same_values(monkeypatch):
+    torch.manual_seed(6)
+    cases = [(1, 4, 4, 64), (1, 3, 1, 12), (2, 3, 3, 36), (2, 2, 2, 16), (2, 4, 1, 12)]
+    x = {c: torch.randn(3, c, 4, 4, dtype=torch.float64) for *_, c in cases}
+    with_indices = {case: KernelAveragePool(*case[1:3], dims=case[0], mode="max")(x[case[3]].requires_grad_())
+                    for case in cases}
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a forward pass without autograd must not pay for max indices")
+
+    monkeypatch.setattr(kap_module.F, "max_pool2d", no_pool)
+    monkeypatch.setattr(kap_module.F, "max_pool3d", no_pool)
+    for dims, k, s, c in cases:
+        kap = KernelAveragePool(kernel_size=k, stride=s, dims=dims, mode="max")
+        with torch.no_grad():
+            fast = kap(x[c])
+        assert torch.equal(fast, with_indices[dims, k, s, c].detach())
+        assert torch.equal(kap(x[c].detach()), fast)  # an input without grad takes it too
+    with pytest.raises(AssertionError, match="max indices"):
+        KernelAveragePool(kernel_size=3, mode="max")(torch.randn(1, 9, 2, 2, requires_grad=True))
 
 
 def test_empty_batch():
