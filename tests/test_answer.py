@@ -173,6 +173,32 @@ def test_importance_finds_the_parameter_that_drives_an_objective(tmp_path: Path)
     assert "adv_eps" in format_importances(data, ["kap"], ["val_robust_accuracy"])
 
 
+def test_printed_answer_says_what_mattered_over_the_whole_study_first(tmp_path: Path, capsys):
+    # The demo's lesson lives in the overall scope: with one or three trials per defense no defense
+    # gets importances of its own, but over all trials the recipe drives robust accuracy.
+    import json
+    from types import SimpleNamespace
+
+    from study.results.report import _print_answer
+
+    data = {  # the shape study_importances writes (importances.json)
+        "all defenses": {"trials": 9, "val_clean_accuracy": {"defense": 0.77, "training.recipe": 0.23},
+                         "val_robust_accuracy": {"training.recipe": 0.94, "defense": 0.06}},
+        "kap": {"trials": 3}, "cas": {"trials": 1}, "kwta": {"trials": 2},
+    }
+    (tmp_path / "importances.json").write_text(json.dumps(data))
+    front = [r for r in RECORDS if r["number"] in (3, 5)]
+    outcome = SimpleNamespace(records=RECORDS, study_dir=tmp_path, front=front, final_front=None)
+    _print_answer(outcome, SimpleNamespace(clean_floor=None, objectives=OBJ))
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("Hyperparameter importance (fANOVA on the search's validation numbers; rough with few trials)")
+    assert [line.split() for line in lines[start + 1:]] == [
+        ["all", "defenses", "val_clean_accuracy", "defense", "0.77,", "recipe", "0.23", "(9", "trials)"],
+        ["all", "defenses", "val_robust_accuracy", "recipe", "0.94,", "defense", "0.06", "(9", "trials)"],
+        ["cas", "1", "completed", "trial(s):", "too", "few", "(need", "4)"],  # on the front: cas and none
+    ]
+
+
 def test_paper_defaults_per_recipe_enqueue_each_defense_with_each_recipe():
     spec = _demo()  # the demo: recipes [standard, fast_at], training.adv_eps 0.2 stated in the spec
     firsts = [(c["defense"], c["training.recipe"], c.get("training.adv_eps"))

@@ -21,7 +21,7 @@ from study.spec import StudySpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIN_TRIALS", "format_importances", "study_importances", "write_importances"]
+__all__ = ["MIN_TRIALS", "OVERALL", "format_importances", "study_importances", "write_importances"]
 
 MIN_TRIALS = 4
 OVERALL = "all defenses"

@@ -76,21 +76,22 @@ def report_study(outcome: Any, spec: Any) -> None:
 
 
 def _print_answer(outcome: Any, spec: Any) -> None:
-    """The short answer per defense and, for the defenses on the front, what mattered."""
+    """The short answer per defense and what mattered: over the whole study (which of the defense
+    and the training recipe moves each objective) and within each defense on the front."""
     from study.results.answer import answer_floor, format_answer, short_answer
 
     floor = answer_floor(outcome.records, spec.clean_floor)
     print("\n" + format_answer(short_answer(outcome.records, floor), floor, spec.clean_floor is not None))
     path = Path(outcome.study_dir) / "importances.json"
     if path.exists():
-        from study.orchestration.importance import format_importances
+        from study.orchestration.importance import OVERALL, format_importances
 
         on_front = sorted({r["defense"] for r in (outcome.final_front or outcome.front)})
         data = json.loads(path.read_text())
         from study.results.records import SEARCH_SPLIT, labelled
 
         objectives = [labelled(o, SEARCH_SPLIT) for o in spec.objectives[:2]]
-        print("\n" + format_importances(data, on_front, objectives))
+        print("\n" + format_importances(data, [OVERALL, *on_front], objectives))
 
 
 def _attack_names(eval_cfg: Any) -> str:
