@@ -88,15 +88,17 @@ def write_importances(spec: StudySpec, path: Path) -> tuple[Path, dict[str, floa
 def format_importances(data: dict[str, Any], scopes: list[str], objectives: list[str], top: int = 3) -> str:
     """The most important parameters per objective for ``scopes`` (defenses), as text lines."""
     lines = ["Hyperparameter importance (fANOVA on the search's validation numbers; rough with few trials)"]
+    width = max([12, *(len(s) for s in scopes)])
+    name_width = max([16, *(len(o) for o in objectives)])
     for scope in scopes:
         entry = data.get(scope)
         if not entry:
             continue
         if not any(entry.get(o) for o in objectives):
-            lines.append(f"  {scope:<12} {entry.get('trials', 0)} completed trial(s): too few (need {MIN_TRIALS})")
+            lines.append(f"  {scope:<{width}} {entry.get('trials', 0)} completed trial(s): too few (need {MIN_TRIALS})")
             continue
         for objective in objectives:
             scores = sorted((entry.get(objective) or {}).items(), key=lambda kv: -kv[1])[:top]
             shown = ", ".join(f"{k.split('.', 1)[-1]} {v:.2f}" for k, v in scores) or "-"
-            lines.append(f"  {scope:<12} {objective:<16} {shown}   ({entry['trials']} trials)")
+            lines.append(f"  {scope:<{width}} {objective:<{name_width}} {shown}   ({entry['trials']} trials)")
     return "\n".join(lines)
