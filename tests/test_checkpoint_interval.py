@@ -85,3 +85,45 @@ def test_interval_out_of_range_is_refused(every: float) -> None:
 
     with pytest.raises(ValidationError, match="checkpoint_every_seconds"):
         StudySpec(name="interval", checkpoint_every_seconds=every)
+
+
+def test_final_report_carries_each_flags_verdict_and_the_checkpoint_the_whole_flag(monkeypatch, tmp_path: Path) -> None:
+    # Tune keeps the final report in every snapshot of the study; what each flag measured stays in
+    # the trial's checkpoint (result.json), where evaluate and users read it.
+    import json
+
+    from ray import tune
+
+    from study.orchestration import runner
+    from study.results.records import trial_outcome
+    from study.trial import TrialResult
+
+    flags = [
+        {"id": "R2", "name": "large_eps", "passed": True, "gate": True, "values": {"accuracy": 0.1}, "message": "ok"},
+        {"id": "R6", "name": "more_restarts", "passed": False, "gate": False, "values": {"a": 0.28, "b": 0.26},
+         "message": "twice the restarts lowers accuracy"},
+        {"id": "R8", "name": "black_box", "passed": False, "gate": True, "values": {"broken": 3}, "message": "Square"},
+    ]
+
+    def trial(config: Any, *, on_epoch: Any = None, resume: Any = None, data: Any = None) -> Any:
+        return TrialResult(status="completed", clean_accuracy=0.9, robust_accuracy=0.4, trusted=False,
+                           epochs_run=1, split="val", flags=flags)
+
+    reports: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def report(metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        reports.append((metrics, json.loads((Path(checkpoint.path) / "result.json").read_text())))
+
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_name": lambda self: "t"})())
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    spec = StudySpec(name="verdicts", storage=str(tmp_path / "results"))
+    runner._trainable({"defense": "none"}, spec.model_dump(mode="json"), trial_fn=trial)
+    (metrics, saved), = reports
+    assert json.loads(metrics["flags_json"]) == [
+        {"id": "R2", "name": "large_eps", "passed": True, "gate": True},
+        {"id": "R6", "name": "more_restarts", "passed": False, "gate": False},
+        {"id": "R8", "name": "black_box", "passed": False, "gate": True},
+    ]
+    assert trial_outcome(metrics, raised=False) == {"status": "completed", "trusted": False, "failed_gates": ["R8"]}
+    assert saved["flags"] == flags

@@ -21,7 +21,7 @@ from typing import Any
 
 from study.config import ConfigError
 from study.orchestration.ray_cluster import RayTarget, resolve_address, validate_target
-from study.results.records import SEARCH_SPLIT, TrialRecord, labelled, reached_values, trial_outcome
+from study.results.records import SEARCH_SPLIT, TrialRecord, flag_verdicts, labelled, reached_values, trial_outcome
 from study.spec import StudySpec, trial_config_for
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _trainable(params: dict[str, Any], spec_data: dict[str, Any], tracking_uri: 
         "started_at": started_at,
         "ended_at": time.time(),
         "report_seconds": report_seconds,
-        "flags_json": json.dumps(result.flags, default=float),
+        "flags_json": json.dumps(flag_verdicts(result.flags)),  # in full in the checkpoint's result.json
         **{f"{split}_robust_acc_{a['name']}": float(a["accuracy"]) for a in result.attacks},
         **{k: float(v) for k, v in result.reached.items()},  # e.g. kwta_gamma_reached
         # Threads, determinism and library versions in force in this worker: the export's record.

@@ -20,6 +20,7 @@ __all__ = [
     "FinalNumbers",
     "TrialRecord",
     "failed_gates",
+    "flag_verdicts",
     "is_trusted",
     "labelled",
     "reached_values",
@@ -121,6 +122,21 @@ class TrialRecord(TypedDict, total=False):
 def failed_gates(flags: Iterable[Mapping[str, Any]]) -> list[str]:
     """Ids of the flags that are gates and did not pass, in order (the one definition)."""
     return [str(f["id"]) for f in flags if f.get("gate") and not f.get("passed")]
+
+
+#: What readers of a trial's Tune result use of each flag (trusted, failed gates, MLflow's flag tags).
+VERDICT_KEYS = ("id", "name", "passed", "gate")
+
+
+def flag_verdicts(flags: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each flag's verdict without what it measured (``values``, ``message``).
+
+    Tune keeps a trial's final result twice in its study snapshot (the last result, and the
+    checkpoint's, pickled and hex-encoded), rewritten after every finished trial; the flags'
+    values and messages were 3.1 of a real trial's ~5 KB there. They stay in full in the trial's
+    checkpoint (``result.json``), which is what ``robust-study evaluate`` and users read.
+    """
+    return [{k: f[k] for k in VERDICT_KEYS if k in f} for f in flags]
 
 
 def is_trusted(flags: Iterable[Mapping[str, Any]]) -> bool:
