@@ -243,8 +243,8 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2, ceil_mode=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
+        if x.dim() != 4 or 0 in x.shape[2:] or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)  # PyTorch's pooling, its errors for empty maps included
         if x.shape[2] % 2 or x.shape[3] % 2:
             x = nn.functional.pad(x, (0, x.shape[3] % 2, 0, x.shape[2] % 2), value=float("-inf"))
         rows = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])

@@ -312,6 +312,8 @@ def test_backbone_max_pool_without_autograd_skips_indices_and_keeps_values(monke
     ref_x = inputs[1].clone().requires_grad_()
     nn.MaxPool2d(2, ceil_mode=True)(ref_x).sum().backward()
     assert torch.equal(grad_x.grad, ref_x.grad)
+    with pytest.raises(RuntimeError):  # an empty feature map is refused as nn.MaxPool2d refuses it
+        MaxPool2x2()(torch.randn(1, 1, 0, 4))
 
     def no_pool(*args, **kwargs):
         raise AssertionError("a forward pass without autograd must not pay for max indices")
