@@ -132,7 +132,10 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 
 
 def write_spec(tmp_path: Path, name: str, trials: int = 4, **extra: object) -> Path:
-    """A tiny study (digits, small CNN, 2 epochs, PGD-10 on 60 samples): ~20 s per trial here.
+    """A tiny study (digits, small CNN, 2 epochs, PGD-10 on 60 samples).
+
+    One k-WTA trial of it is 4.6 s of work at one thread here (8.7 s as a fresh ``robust-study
+    trial`` process, imports included; 2026-12-05).
 
     PGD-10, not fewer steps: R8's Square check (the reference schedule) breaks points a 3-step
     PGD misses on these half-trained models, and no trial would be trusted."""
