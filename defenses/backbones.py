@@ -229,6 +229,12 @@ class _Sites:
             )
 
 
+def wants_grad(x: Tensor) -> bool:
+    """Autograd will ask for gradients through ``x`` (training, gradient attacks); otherwise a
+    max-pool can skip the indices its backward would need (MaxPool2x2, Kernel Max Pool)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 class MaxPool2x2(nn.MaxPool2d):
     """``nn.MaxPool2d(2, ceil_mode=True)`` that skips max indices when no gradient is wanted.
 
@@ -243,7 +249,7 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2, ceil_mode=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or 0 in x.shape[2:] or (torch.is_grad_enabled() and x.requires_grad):
+        if x.dim() != 4 or 0 in x.shape[2:] or wants_grad(x):
             return super().forward(x)  # PyTorch's pooling, its errors for empty maps included
         if x.shape[2] % 2 or x.shape[3] % 2:
             x = nn.functional.pad(x, (0, x.shape[3] % 2, 0, x.shape[2] % 2), value=float("-inf"))

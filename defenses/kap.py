@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from defenses._placement import default_of, flag, nonneg_float, pick
 from defenses._registry import Example, register_defense
-from defenses.backbones import LayerSet
+from defenses.backbones import LayerSet, wants_grad
 from defenses.noise import ActivationNoise
 
 __all__ = [
@@ -360,7 +360,7 @@ class KernelAveragePool(nn.Module):
     def _max_pool(self, view: Tensor, axes: tuple[int, ...]) -> Tensor:
         """Kernel Max Pool on the (N, 1, *grid, M) view; autograd keeps PyTorch's max indices."""
         k, s, nd = self.kernel_size, self.stride, len(axes)
-        if not (torch.is_grad_enabled() and view.requires_grad):
+        if not wants_grad(view):
             return self._max_pool_values(view, nd)
         kernel = (k,) * nd + (1,)
         stride = (s,) * nd + (1,)
@@ -368,8 +368,7 @@ class KernelAveragePool(nn.Module):
         # for even K (asymmetric rule) and for axes shorter than K (3D pooling rejects those).
         symmetric = self._left == self._right and min(axes) >= k
         if not symmetric:
-            # F.pad lists (before, after) pairs starting from the last axis (M is never padded).
-            view = F.pad(view, (0, 0) + (self._left, self._right) * nd, value=float("-inf"))
+            view = self._pad_never_winning(view, nd)
         padding = (self._left if symmetric else 0,) * nd + (0,)
         pool = F.max_pool2d if nd == 1 else F.max_pool3d
         return pool(view, kernel, stride, padding)
@@ -384,10 +383,17 @@ class KernelAveragePool(nn.Module):
         values: a maximum is exact, so the model's outputs do not change, only their cost.
         """
         k, s = self.kernel_size, self.stride
-        view = F.pad(view, (0, 0) + (self._left, self._right) * nd, value=float("-inf"))
+        view = self._pad_never_winning(view, nd)
         for axis in range(2, 2 + nd):  # a 2D window's maximum is the maximum of its rows' maxima
             view = view.unfold(axis, k, s).amax(dim=-1)
         return view
+
+    def _pad_never_winning(self, view: Tensor, nd: int) -> Tensor:
+        """The (N, 1, *grid, M) view padded with -inf by the window rule on each grid axis.
+
+        F.pad lists (before, after) pairs starting from the last axis (M is never padded).
+        """
+        return F.pad(view, (0, 0) + (self._left, self._right) * nd, value=float("-inf"))
 
     def extra_repr(self) -> str:
         text = f"kernel_size={self.kernel_size}, stride={self.stride}, dims={self.dims}, mode={self.mode!r}"

@@ -34,6 +34,15 @@ def _trial(seconds: list[float], first_epoch: int = 1):
     return trial
 
 
+def _without_ray(monkeypatch, report: Any, restored: Any = None) -> None:
+    """ray.tune's report, get_checkpoint and get_context as the trainable sees them in a trial."""
+    from ray import tune
+
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_name": lambda self: "t"})())
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: restored)
+
+
 def _run(monkeypatch, tmp_path: Path, every: float, seconds: list[float],
          resume_from: dict[str, Any] | None = None, first_epoch: int = 1) -> list[tuple[int, bool]]:
     """(epoch, saved a checkpoint) for every per-epoch report the trainable sent to Tune."""
@@ -42,15 +51,13 @@ def _run(monkeypatch, tmp_path: Path, every: float, seconds: list[float],
     from study.orchestration import runner
 
     reports: list[tuple[dict[str, Any], Any]] = []
-    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)))
-    monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_name": lambda self: "t"})())
     restored = None
     if resume_from is not None:
         folder = tmp_path / "restored"
         folder.mkdir()
         torch.save(resume_from, folder / "state.pt")
         restored = tune.Checkpoint.from_directory(str(folder))
-    monkeypatch.setattr(tune, "get_checkpoint", lambda: restored)
+    _without_ray(monkeypatch, lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)), restored)
 
     spec = StudySpec(name="interval", storage=str(tmp_path / "results"), checkpoint_every_seconds=every)
     runner._trainable({"defense": "none"}, spec.model_dump(mode="json"), trial_fn=_trial(seconds, first_epoch))
@@ -92,8 +99,6 @@ def test_final_report_carries_each_flags_verdict_and_the_checkpoint_the_whole_fl
     # the trial's checkpoint (result.json), where evaluate and users read it.
     import json
 
-    from ray import tune
-
     from study.orchestration import runner
     from study.results.records import trial_outcome
     from study.trial import TrialResult
@@ -114,9 +119,7 @@ def test_final_report_carries_each_flags_verdict_and_the_checkpoint_the_whole_fl
     def report(metrics: dict[str, Any], checkpoint: Any = None) -> None:
         reports.append((metrics, json.loads((Path(checkpoint.path) / "result.json").read_text())))
 
-    monkeypatch.setattr(tune, "report", report)
-    monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_name": lambda self: "t"})())
-    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    _without_ray(monkeypatch, report)
     spec = StudySpec(name="verdicts", storage=str(tmp_path / "results"))
     runner._trainable({"defense": "none"}, spec.model_dump(mode="json"), trial_fn=trial)
     (metrics, saved), = reports
