@@ -30,7 +30,7 @@ from study.config import (
     show,
 )
 from study.reproducibility import threads_for_cpus
-from study.stopping import EARLY_STOPPING_RULES, EarlyStopping, EarlyStoppingConfig, decide_early_stopping
+from study.stopping import EARLY_STOPPING_RULES, EarlyStopping, EarlyStoppingConfig, decide_early_stopping, milestones
 
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVE_DIRECTIONS = {
@@ -455,6 +455,13 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
         # epsilon, not each trial's own adv_eps (a trial trained at a small epsilon would look
         # robust and stop the ones trained for the objective's epsilon).
         training_updates.setdefault("val_eps", spec.search_eval.eps)
+    if "val_robust_epochs" not in spec.training.model_fields_set:
+        # The per-epoch validation robust accuracy only where something reads it: MO-ASHA at its
+        # rungs (the scheduler's, from the spec's epochs). Otherwise the search evaluation scores
+        # the trial, and on digits each skipped measurement saves more than a training epoch.
+        reads = (milestones(stopping.grace_epochs, stopping.reduction_factor, spec.training.epochs)
+                 if stopping.enabled and stopping.rule == "mo_asha" else [])
+        training_updates.setdefault("val_robust_epochs", reads)
     training = spec.training.model_copy(update=training_updates)
     data = {
         "name": name,

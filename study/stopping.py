@@ -14,7 +14,7 @@ from pydantic import Field
 from study.config import _Strict
 
 __all__ = ["AUTO_MIN_EPOCHS", "AUTO_MIN_TRIALS", "EARLY_STOPPING_RULES", "EarlyStopping", "EarlyStoppingConfig",
-           "decide_early_stopping"]
+           "decide_early_stopping", "milestones"]
 
 EARLY_STOPPING_RULES = ("mo_asha", "asha")
 #: Where ``auto`` turns MO-ASHA on: the study sizes at which ``bench search`` measured it winning
@@ -77,3 +77,13 @@ def decide_early_stopping(config: EarlyStoppingConfig, num_trials: int, epochs: 
     else:
         on, why = True, f"auto: {num_trials} trials of {epochs} epochs"
     return EarlyStopping(on, config.rule, grace, config.reduction_factor, why)
+
+
+def milestones(grace: int, reduction_factor: int, last: int) -> list[int]:
+    """Rung epochs grace * rf**k strictly below ``last`` (the trial's final epoch), ascending."""
+    out = []
+    t = grace
+    while t < last:
+        out.append(t)
+        t *= reduction_factor
+    return out

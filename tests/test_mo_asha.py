@@ -89,6 +89,20 @@ def test_rungs_decide_each_trial_once_on_arrival() -> None:
     assert {m: sorted(r) for m, r in rungs.recorded.items()} == {1: ["a", "b", "c", "d", "e"], 3: ["b"]}
 
 
+def test_a_trial_is_judged_only_at_a_rung_epoch() -> None:
+    # Trials measure their robust accuracy at the rungs only (training.val_robust_epochs): a report
+    # between rungs carries no such number, so it never decides; a trial that first reports past
+    # a rung (resumed beyond it) waits for the next rung.
+    rungs = Rungs(MAX2, grace=1, reduction_factor=3, last=9)  # rungs at epochs 1 and 3
+    assert rungs.decide("a", 1, (0.9, 0.9)) and rungs.decide("b", 1, (0.95, 0.5))  # neither dominates
+    assert rungs.decide("c", 2, (0.1, 0.0))  # past rung 1, before rung 3: not judged
+    assert rungs.decide("c", 2.5, (0.1, 0.0))
+    assert {m: sorted(r) for m, r in rungs.recorded.items()} == {1: ["a", "b"], 3: []}
+    assert rungs.decide("a", 3, (0.9, 0.9))
+    assert not rungs.decide("c", 3, (0.1, 0.0))  # n 2, quota 1, a ahead -> stop
+    assert rungs.stopped == {"c": 3}
+
+
 def test_rungs_refuse_bad_settings() -> None:
     with pytest.raises(ValueError, match="reduction_factor"):
         Rungs(MAX2, grace=1, reduction_factor=1, last=9)
@@ -148,6 +162,16 @@ def test_the_spec_selects_the_scheduler(tmp_path) -> None:
     # The rungs compare validation robust accuracy at the search epsilon, not each trial's adv_eps.
     point = spec.conditional_space().paper_default_configs()[0]
     assert trial_config_for(spec, point).training.val_eps == 0.2
+    # ...measured only at the rungs (grace 3 * 3**k below epoch 9: epoch 3), where they are read.
+    assert trial_config_for(spec, point).training.val_robust_epochs == [3]
+    grace1 = parse_spec({**base, "early_stopping": {"enabled": True, "grace_epochs": 1}})
+    assert trial_config_for(grace1, point).training.val_robust_epochs == [1, 3]
+    # Nothing reads them without MO-ASHA (ASHA ranks on clean accuracy): none measured; a spec
+    # that says otherwise is followed (null: every epoch).
+    assert trial_config_for(parse_spec({**base, "early_stopping": "asha"}), point).training.val_robust_epochs == []
+    assert trial_config_for(parse_spec({**base, "early_stopping": "off"}), point).training.val_robust_epochs == []
+    every = parse_spec({**base, "early_stopping": "mo_asha", "training": {**base["training"], "val_robust_epochs": None}})
+    assert trial_config_for(every, point).training.val_robust_epochs is None
     assert isinstance(make_scheduler(parse_spec({**base, "early_stopping": "asha"})), ASHAScheduler)
     off = parse_spec({**base, "early_stopping": "off"})
     assert make_scheduler(off) is None and trial_config_for(off, point).training.val_eps is None

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -353,6 +354,33 @@ def test_val_eps_sets_the_epsilon_of_the_per_epoch_robust_accuracy(recipe: str, 
     monkeypatch.setattr(train_mod, "_val_robust_accuracy", lambda model, data, eps, device: seen.append(eps) or 0.5)
     result = _fit(_model(), bundle, _cfg(recipe=recipe, epochs=2, adv_eps=0.05, val_eps=0.3))
     assert seen == [0.3, 0.3] and [h["val_robust_accuracy"] for h in result.history] == [0.5, 0.5]
+
+
+def test_val_robust_epochs_measure_only_there_and_change_nothing_else(bundle: DataBundle) -> None:
+    # A study measures the per-epoch robust accuracy only where it is read (MO-ASHA's rungs).
+    # Skipping it elsewhere must leave training untouched: every epoch reseeds its randomness, and
+    # the measurement runs in eval mode (no batch-norm statistics move).
+    every_model, sparse_model = _model(), _model()
+    every = _fit(every_model, bundle, _cfg(recipe="fast_at", epochs=3))
+    sparse = _fit(sparse_model, bundle, _cfg(recipe="fast_at", epochs=3, val_robust_epochs=[2]))
+    assert ["val_robust_accuracy" in h for h in every.history] == [True, True, True]
+    assert ["val_robust_accuracy" in h for h in sparse.history] == [False, True, False]
+    assert sparse.history[1]["val_robust_accuracy"] == every.history[1]["val_robust_accuracy"]
+    for a, b in zip(every.history, sparse.history, strict=True):
+        assert (a["train_loss"], a["val_accuracy"]) == (b["train_loss"], b["val_accuracy"])
+    assert _same_weights(every_model, sparse_model)
+
+
+def test_early_stopping_measures_every_epoch_whatever_val_robust_epochs_says(bundle: DataBundle) -> None:
+    # pgd_at keeps its best epoch by this number (Rice et al.): it needs it after every epoch.
+    result = _fit(_model(), bundle, _cfg(recipe="pgd_at", epochs=2, early_stopping=True, val_robust_epochs=[]))
+    assert ["val_robust_accuracy" in h for h in result.history] == [True, True]
+
+
+def test_val_robust_epochs_are_counted_from_one() -> None:
+    assert TrainingConfig(val_robust_epochs=[3, 1, 3]).val_robust_epochs == [1, 3]
+    with pytest.raises(ValidationError, match="epoch 0 must be >= 1"):
+        TrainingConfig(val_robust_epochs=[0, 2])
 
 
 def test_same_seed_same_weights(bundle: DataBundle) -> None:

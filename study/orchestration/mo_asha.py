@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from study.stopping import milestones
+
 __all__ = ["Rungs", "crowding_distances", "dominates", "milestones", "non_dominated_ranks", "order_keys", "promoted"]
 
 Point = Sequence[float]
@@ -117,16 +119,6 @@ def promoted(points: Sequence[Point], directions: Sequence[str], reduction_facto
     return [i for i in range(len(points)) if _ahead(keys, i) < quota]
 
 
-def milestones(grace: int, reduction_factor: int, last: int) -> list[int]:
-    """Rung epochs grace * rf**k strictly below ``last`` (the trial's final epoch), ascending."""
-    out = []
-    t = grace
-    while t < last:
-        out.append(t)
-        t *= reduction_factor
-    return out
-
-
 class Rungs:
     """The rungs of one MO-ASHA bracket and the objective values recorded at each.
 
@@ -149,20 +141,19 @@ class Rungs:
         self.stopped: dict[str, int] = {}
 
     def decide(self, trial: str, t: float, values: Sequence[float]) -> bool:
-        for milestone in sorted(self.recorded, reverse=True):
-            if t < milestone:
-                continue
-            rung = self.recorded[milestone]
-            if trial in rung:  # judged here already (or at a higher rung: the loop stopped there)
-                return True
-            rung[trial] = tuple(float(v) if v is not None else math.nan for v in values)
-            ids = list(rung)
-            keys = order_keys([rung[i] for i in ids], self.directions)
-            go_on = _ahead(keys, ids.index(trial)) < math.ceil(len(ids) / self.reduction_factor)
-            if not go_on:
-                self.stopped[trial] = milestone
-            return go_on
-        return True
+        # Judged at the rung's own epoch only: the trial measures its robust accuracy there
+        # (training.val_robust_epochs), not between rungs. A trial whose report at a rung never
+        # arrived (resumed past it) is judged at the next one.
+        rung = self.recorded.get(int(t)) if float(t).is_integer() else None
+        if rung is None or trial in rung:  # between rungs, or judged here already
+            return True
+        rung[trial] = tuple(float(v) if v is not None else math.nan for v in values)
+        ids = list(rung)
+        keys = order_keys([rung[i] for i in ids], self.directions)
+        go_on = _ahead(keys, ids.index(trial)) < math.ceil(len(ids) / self.reduction_factor)
+        if not go_on:
+            self.stopped[trial] = int(t)
+        return go_on
 
     def summary(self) -> str:
         return ", ".join(f"rung {m}: {len(r)} recorded" for m, r in sorted(self.recorded.items())) or "no rungs"

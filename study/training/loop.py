@@ -71,7 +71,8 @@ class EpochReport:
         epoch: Completed epochs (1-based).
         metrics: train_loss, train_accuracy (on the inputs trained on: adversarial for AT
             recipes), lr (at the epoch's last step), seconds, and when available val_accuracy,
-            val_robust_accuracy (adversarial recipes), gamma (k-WTA).
+            val_robust_accuracy (adversarial recipes or ``val_eps``; at ``val_robust_epochs``), gamma
+            (k-WTA).
         checkpoint: Everything :func:`fit` needs to continue (CPU tensors, torch.save-able with
             ``weights_only=True``); pass it back as ``resume=``.
     """
@@ -461,7 +462,9 @@ def fit(
             if has_val:
                 model.eval()
                 metrics["val_accuracy"] = _clean_accuracy(model, bundle.val, device)
-                if recipe.adversarial or cfg.val_eps is not None:
+                if (recipe.adversarial or cfg.val_eps is not None) and (
+                    early_stopping or cfg.val_robust_epochs is None or epoch + 1 in cfg.val_robust_epochs
+                ):
                     metrics["val_robust_accuracy"] = _val_robust_accuracy(
                         model, bundle.val, cfg.val_eps or cfg.adv_eps, device
                     )
