@@ -139,8 +139,8 @@ class TrainingConfig(_Strict):
     val_robust_epochs: list[int] | None = None
     """Epochs (counted from 1) after which that robust accuracy is measured; None = after every epoch.
     It is a PGD-10 on up to 500 validation samples, on digits more than a training epoch costs. pgd_at's
-    early stopping measures every epoch regardless. A study sets the epochs something reads: its MO-ASHA
-    rungs, else none (the search evaluation scores the trial)."""
+    early stopping measures every epoch regardless. In a study spec: the epochs to measure besides the
+    ones the study reads (its MO-ASHA rungs); unset, only those."""
     grad_clip: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     """Clip the gradient norm (None = off)."""
     checkpoint_every: int = Field(1, ge=1)

@@ -455,13 +455,14 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
         # epsilon, not each trial's own adv_eps (a trial trained at a small epsilon would look
         # robust and stop the ones trained for the objective's epsilon).
         training_updates.setdefault("val_eps", spec.search_eval.eps)
-    if "val_robust_epochs" not in spec.training.model_fields_set:
-        # The per-epoch validation robust accuracy only where something reads it: MO-ASHA at its
-        # rungs (the scheduler's, from the spec's epochs). Otherwise the search evaluation scores
-        # the trial, and on digits each skipped measurement saves more than a training epoch.
-        reads = (milestones(stopping.grace_epochs, stopping.reduction_factor, spec.training.epochs)
-                 if stopping.enabled and stopping.rule == "mo_asha" else [])
-        training_updates.setdefault("val_robust_epochs", reads)
+    # The per-epoch validation robust accuracy only where something reads it: MO-ASHA at its rungs
+    # (the scheduler's, from the spec's epochs), and the epochs the spec lists. Otherwise the search
+    # evaluation scores the trial, and on digits each skipped measurement costs more than a training
+    # epoch. (A spec's unset list cannot mean "every epoch" as in a lone trial: the spec travels as a
+    # full dump, and the trial config would not know whether it was set.)
+    reads = (milestones(stopping.grace_epochs, stopping.reduction_factor, spec.training.epochs)
+             if stopping.enabled and stopping.rule == "mo_asha" else [])
+    training_updates["val_robust_epochs"] = sorted({*reads, *(spec.training.val_robust_epochs or [])})
     training = spec.training.model_copy(update=training_updates)
     data = {
         "name": name,

@@ -166,12 +166,16 @@ def test_the_spec_selects_the_scheduler(tmp_path) -> None:
     assert trial_config_for(spec, point).training.val_robust_epochs == [3]
     grace1 = parse_spec({**base, "early_stopping": {"enabled": True, "grace_epochs": 1}})
     assert trial_config_for(grace1, point).training.val_robust_epochs == [1, 3]
-    # Nothing reads them without MO-ASHA (ASHA ranks on clean accuracy): none measured; a spec
-    # that says otherwise is followed (null: every epoch).
+    # Nothing reads them without MO-ASHA (ASHA ranks on clean accuracy): none measured. Epochs the
+    # spec lists are measured besides the rungs, and the choice survives the spec's trip as a dump
+    # (the trainable rebuilds the spec from one).
     assert trial_config_for(parse_spec({**base, "early_stopping": "asha"}), point).training.val_robust_epochs == []
-    assert trial_config_for(parse_spec({**base, "early_stopping": "off"}), point).training.val_robust_epochs == []
-    every = parse_spec({**base, "early_stopping": "mo_asha", "training": {**base["training"], "val_robust_epochs": None}})
-    assert trial_config_for(every, point).training.val_robust_epochs is None
+    off = parse_spec({**base, "early_stopping": "off"})
+    assert trial_config_for(off, point).training.val_robust_epochs == []
+    assert trial_config_for(parse_spec(off.model_dump(mode="json")), point).training.val_robust_epochs == []
+    listed = {**base, "training": {**base["training"], "val_robust_epochs": [5, 9]}}
+    assert trial_config_for(parse_spec({**listed, "early_stopping": "mo_asha"}), point).training.val_robust_epochs == [3, 5, 9]
+    assert trial_config_for(parse_spec({**listed, "early_stopping": "off"}), point).training.val_robust_epochs == [5, 9]
     assert isinstance(make_scheduler(parse_spec({**base, "early_stopping": "asha"})), ASHAScheduler)
     off = parse_spec({**base, "early_stopping": "off"})
     assert make_scheduler(off) is None and trial_config_for(off, point).training.val_eps is None
