@@ -138,7 +138,12 @@ def write_spec(tmp_path: Path, name: str, trials: int = 4, **extra: object) -> P
     trial`` process, imports included; 2026-12-05).
 
     PGD-10, not fewer steps: R8's Square check (the reference schedule) breaks points a 3-step
-    PGD misses on these half-trained models, and no trial would be trusted."""
+    PGD misses on these half-trained models, and no trial would be trusted.
+
+    KAP is attacked as deployed only (``protocol_arms: deployed``): its other arm, activation noise
+    on under EOT, is the evaluation's business (tests/test_evaluate.py, tests/test_randomized.py),
+    and in a study test it cost a third of the study (a 6-trial MO-ASHA study with KAP: 85 -> 59
+    CPU-seconds, 55 -> 36 s, the same numbers; 2026-12-05)."""
     import yaml
 
     spec = {
@@ -149,9 +154,9 @@ def write_spec(tmp_path: Path, name: str, trials: int = 4, **extra: object) -> P
         "include_baseline": True,
         "training": {"epochs": 2, "batch_size": 64},
         "search_eval": {"n_samples": 60, "attacks": [{"name": "pgd", "steps": 10}], "eps_curve": [0.1, 0.3],
-                        "check_samples": 30},
+                        "check_samples": 30, "protocol_arms": "deployed"},
         "final_eval": {"n_samples": 40, "attacks": [{"name": "pgd", "steps": 10, "restarts": 2}], "eps_curve": [],
-                       "check_samples": 20},
+                       "check_samples": 20, "protocol_arms": "deployed"},
         "num_trials": trials,
         "concurrency": 2,
         "storage": str(tmp_path / "results"),
