@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_saving_skips_the_package_scan_and_writes_what_a_scanned_save_writes(tmp
     assert mlflow_model.model_format(tmp_path / "fast") == "pt2"
 
     # The same save with MLflow's own path, scan included, writes the same requirements.
-    monkeypatch.setattr(mlflow_model, "_no_package_scan", _plain)
+    monkeypatch.setattr(mlflow_model, "_no_package_scan", nullcontext)
     mlflow_model._save(model, tmp_path / "scanned", example, stochastic=False)
     assert requirements_utils._MODULES_TO_PACKAGES is not None  # the scan ran this time
     fast = _requirements(tmp_path / "fast")
@@ -52,16 +53,6 @@ def test_a_map_already_built_is_left_alone(monkeypatch) -> None:
     with mlflow_model._no_package_scan():
         assert requirements_utils._MODULES_TO_PACKAGES is built
     assert requirements_utils._MODULES_TO_PACKAGES is built
-
-
-class _plain:
-    """A stand-in for the context manager that changes nothing."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @pytest.fixture(autouse=True)
