@@ -441,6 +441,20 @@ def test_resume_from_final_checkpoint_and_mismatch(bundle: DataBundle) -> None:
         _fit(_model(), bundle, cfg, resume=reports[0].checkpoint, seed=7)
 
 
+def test_resume_with_other_val_robust_epochs_equals_uninterrupted(bundle: DataBundle) -> None:
+    # When the robust accuracy is measured does not shape training: a checkpoint resumes under
+    # another list (a study resumed after an upgrade, whose old checkpoints never had the field).
+    cfg = _cfg(recipe="fast_at", epochs=2)
+    full, reports = _model(), []
+    _fit(full, bundle, cfg, on_epoch=reports.append)
+    old_style = {**reports[0].checkpoint, "training": {k: v for k, v in reports[0].checkpoint["training"].items()
+                                                       if k != "val_robust_epochs"}}
+    resumed = _model(seed=99)
+    result = _fit(resumed, bundle, _cfg(recipe="fast_at", epochs=2, val_robust_epochs=[]), resume=old_style)
+    assert result.status == "completed" and _same_weights(full, resumed)
+    assert "val_robust_accuracy" not in result.history[-1]
+
+
 class _NaNAfter(nn.Module):
     """Outputs NaN logits from the ``n``-th training forward on."""
 

@@ -237,8 +237,10 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def _config_fingerprint(cfg: TrainingConfig) -> dict[str, Any]:
-    # checkpoint_every only says how often the caller writes; everything else shapes the run.
-    return cfg.model_dump(mode="json", exclude={"checkpoint_every"})
+    # checkpoint_every only says how often the caller writes, val_robust_epochs when a number is
+    # measured (in eval mode, between reseeded epochs); everything else shapes the run. Leaving the
+    # latter out also resumes checkpoints written before the field existed.
+    return cfg.model_dump(mode="json", exclude={"checkpoint_every", "val_robust_epochs"})
 
 
 @dataclass
