@@ -450,7 +450,8 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
         if pname in defense_params:
             training_updates[target] = defense_params.pop(pname)
     stopping = spec.stopping
-    if stopping.enabled and stopping.rule == "mo_asha" and spec.training.val_eps is None:
+    mo_asha = stopping.enabled and stopping.rule == "mo_asha"
+    if mo_asha and spec.training.val_eps is None:
         # MO-ASHA compares trials on the per-epoch validation robust accuracy: at the search
         # epsilon, not each trial's own adv_eps (a trial trained at a small epsilon would look
         # robust and stop the ones trained for the objective's epsilon).
@@ -460,8 +461,7 @@ def trial_config_for(spec: StudySpec, params: dict[str, Any], *, name: str = "tr
     # evaluation scores the trial, and on digits each skipped measurement costs more than a training
     # epoch. (A spec's unset list cannot mean "every epoch" as in a lone trial: the spec travels as a
     # full dump, and the trial config would not know whether it was set.)
-    reads = (milestones(stopping.grace_epochs, stopping.reduction_factor, spec.training.epochs)
-             if stopping.enabled and stopping.rule == "mo_asha" else [])
+    reads = milestones(stopping.grace_epochs, stopping.reduction_factor, spec.training.epochs) if mo_asha else []
     training_updates["val_robust_epochs"] = sorted({*reads, *(spec.training.val_robust_epochs or [])})
     training = spec.training.model_copy(update=training_updates)
     data = {
