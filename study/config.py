@@ -138,9 +138,9 @@ class TrainingConfig(_Strict):
     that trials trained at different adv_eps compare on the objective's epsilon."""
     val_robust_epochs: list[int] | None = None
     """Epochs (counted from 1) after which that robust accuracy is measured; None = after every epoch.
-    It is a PGD-10 on up to 500 validation samples, on digits more than a training epoch costs. pgd_at's
-    early stopping measures every epoch regardless. In a study spec: the epochs to measure besides the
-    ones the study reads (its MO-ASHA rungs); unset, only those."""
+    It is a PGD-10 on up to 500 validation samples: on all of digits 0.37 s, a fast-AT epoch 0.51 s.
+    pgd_at's early stopping measures every epoch regardless. In a study spec: the epochs to measure
+    besides the ones the study reads (its MO-ASHA rungs); unset, only those."""
     grad_clip: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     """Clip the gradient norm (None = off)."""
     checkpoint_every: int = Field(1, ge=1)
