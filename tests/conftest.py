@@ -131,7 +131,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 # --------------------------------------------------------------------------- tiny studies
 
 
-def write_spec(tmp_path: Path, name: str, trials: int = 4, **extra: object) -> Path:
+def write_spec(tmp_path: Path, name: str, trials: int = 4, *, models: bool = False, **extra: object) -> Path:
     """A tiny study (digits, small CNN, 2 epochs, PGD-10 on 60 samples).
 
     One k-WTA trial of it is 4.6 s of work at one thread here (8.7 s as a fresh ``robust-study
@@ -143,8 +143,18 @@ def write_spec(tmp_path: Path, name: str, trials: int = 4, **extra: object) -> P
     KAP is attacked as deployed only (``protocol_arms: deployed``): its other arm, activation noise
     on under EOT, is the evaluation's business (tests/test_evaluate.py, tests/test_randomized.py),
     and in a study test it cost a third of the study (a 6-trial MO-ASHA study with KAP: 85 -> 59
-    CPU-seconds, 55 -> 36 s, the same numbers; 2026-12-05)."""
+    CPU-seconds, 55 -> 36 s, the same numbers; 2026-12-05).
+
+    No MLflow model per trial unless ``models``: exporting a tiny network with ``torch.export``
+    and checking the export is about a third of such a trial's work (34 % of a ``bench load``
+    trial worker's py-spy samples; the two early-stopping study tests 210 -> 155 CPU-seconds,
+    2026-12-05), and only the tests of the logged models read them (tests/test_mlflow_conventions.py, tests/test_mlflow_server.py; the saving
+    itself: tests/test_mlflow_model.py). With ``models`` the spec names no ``mlflow`` section
+    unless ``extra`` does (the default, log_models on)."""
     import yaml
+
+    if not models:
+        extra["mlflow"] = {**dict(extra.get("mlflow") or {}), "log_models": False}  # type: ignore[arg-type]
 
     spec = {
         "name": name,

@@ -83,7 +83,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     work.mkdir()
     store.mkdir()
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    spec = write_spec(work, "conv", trials=2)
+    spec = write_spec(work, "conv", trials=2, models=True)  # its tests read the logged models
     subprocess.run([*git, "init", "-q", str(work)], check=True)
     subprocess.run([*git, "-C", str(work), "add", spec.name], check=True)
     subprocess.run([*git, "-C", str(work), "commit", "-q", "-m", "spec"], check=True)

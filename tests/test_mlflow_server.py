@@ -98,7 +98,8 @@ def test_server_restarted_mid_study_loses_and_duplicates_nothing(
     mlflow_server: MlflowServer, driver_factory, tmp_path: Path
 ) -> None:
     mlflow_server.start()
-    spec = write_spec(tmp_path, "outage", trials=3, mlflow={"tracking_uri": mlflow_server.uri})
+    # models: the trials' model folders go to the server through the outage too
+    spec = write_spec(tmp_path, "outage", trials=3, models=True, mlflow={"tracking_uri": mlflow_server.uri})
     driver = driver_factory("run", str(spec), cwd=tmp_path,
                             env={"ROBUST_STUDY_MLFLOW_RETRY_S": "2", "ROBUST_STUDY_MLFLOW_GRACE_S": "300"})
     driver.wait_until(lambda: driver.trials_done() >= 1, 400, "the first trial to finish")
@@ -120,7 +121,8 @@ def test_server_gone_for_good_fails_loudly_then_sync_logs_everything(
     from study.tracking import sync_study
 
     mlflow_server.start()
-    spec = write_spec(tmp_path, "gone", trials=3, mlflow={"tracking_uri": mlflow_server.uri})
+    # models: sync replays the trials' model folders too
+    spec = write_spec(tmp_path, "gone", trials=3, models=True, mlflow={"tracking_uri": mlflow_server.uri})
     driver = driver_factory("run", str(spec), cwd=tmp_path,
                             env={"ROBUST_STUDY_MLFLOW_RETRY_S": "1", "ROBUST_STUDY_MLFLOW_GRACE_S": "3"})
     driver.wait_until(lambda: driver.trials_done() >= 1, 400, "the first trial to finish")
