@@ -21,6 +21,7 @@ def test_hundred_trials_are_each_recorded_once_and_the_front_is_right(tmp_path: 
     from study.bench.load import bench_load, format_load
     from study.results.pareto import pareto_front
 
+    mlflow_server.start()  # a no-op unless a test before this one on the worker left it stopped
     # No MLflow model per trial: a third of these tiny trials' work, and nothing here reads models
     # (tests/test_mlflow_conventions.py and tests/test_mlflow_server.py do).
     m = bench_load(num_trials=TRIALS, concurrency=2, storage=tmp_path / "results", tracking_uri=mlflow_server.uri,
