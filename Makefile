@@ -32,7 +32,8 @@ test: $(STAMP)
 	# The unmarked tests on two workers (as test-fast), then the marked ones on two workers too:
 	# each starts its own Ray instance, namespaces, ports and temp dirs, so they can run side by
 	# side. They are mostly CPU-bound, so this gains 16 % (42 instead of 50 min, 2026-12-03).
-	# loadscope keeps a module's tests on one worker: its shared fixture is built once.
+	# loadscope keeps a module's tests on one worker: its shared fixture is built once (and the
+	# three modules sharing the MLflow server on one worker: tests/conftest.py).
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not ray and not server"
 	$(PY) -m pytest -q -n 2 --dist loadscope -m "slow or ray or server" --durations=20
 
