@@ -148,9 +148,10 @@ def write_spec(tmp_path: Path, name: str, trials: int = 4, *, models: bool = Fal
     No MLflow model per trial unless ``models``: exporting a tiny network with ``torch.export``
     and checking the export is about a third of such a trial's work (34 % of a ``bench load``
     trial worker's py-spy samples; the two early-stopping study tests 210 -> 155 CPU-seconds,
-    2026-12-05), and only the tests of the logged models read them (tests/test_mlflow_conventions.py, tests/test_mlflow_server.py; the saving
-    itself: tests/test_mlflow_model.py). With ``models`` the spec names no ``mlflow`` section
-    unless ``extra`` does (the default, log_models on)."""
+    2026-12-05), and only the tests of the logged models read them
+    (tests/test_mlflow_conventions.py, tests/test_mlflow_server.py; the saving itself:
+    tests/test_mlflow_model.py). With ``models`` the spec names no ``mlflow`` section unless
+    ``extra`` does (the default, log_models on)."""
     import yaml
 
     if not models:
