@@ -267,6 +267,37 @@ def test_narrow_ranges_get_distinct_ticks_and_identical_scores_share_a_label(tmp
     assert "#1" in labels
 
 
+def test_shared_label_names_up_to_four_then_counts_the_rest():
+    assert plots.front.shared_label(["#3", "#7"]) == "#3, #7"
+    assert plots.front.shared_label(["#1", "#2", "#3", "#4"]) == "#1, #2, #3, #4"
+    assert plots.front.shared_label(["#1", "#2", "#3", "#4", "#9"]) == "#1, #2, #3 +2 more"
+
+
+def test_forty_trials_on_one_point_keep_the_figure_readable(tmp_path, monkeypatch):
+    """bench load's 100-trial random search put 40 identical undefended trials on one front point;
+    their full list of numbers made a 2,735-pixel-wide PNG whose axes matplotlib could not lay out."""
+    import warnings
+
+    from matplotlib.figure import Figure
+
+    figures = []
+    real_savefig = Figure.savefig
+
+    def capture(self, *args, **kwargs):
+        figures.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    recs = [_rec(n, 0.22, 0.025, defense="none") for n in range(40)] + [_rec(40, 0.20, 0.10)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots.plot_front_png(recs, tmp_path / "front.png", title="many")
+    assert not [w for w in caught if "constrained_layout" in str(w.message)], [str(w.message) for w in caught]
+    (fig,) = figures
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert "#0, #1, #2 +37 more" in labels and "#40" in labels, labels
+
+
 def _timed(number, start, end, defense="kap", trusted=True):
     return {"number": number, "defense": defense, "started_at": start, "ended_at": end, "trusted": trusted,
             "train_seconds": (end - start) * 0.5, "eval_seconds": (end - start) * 0.3}

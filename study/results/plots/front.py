@@ -139,7 +139,8 @@ def plot_front_png(
                            edgecolors="black", linewidths=1.4, zorder=4)
                 labels.setdefault(tuple(p.values), []).append(f"#{p.record.get('number', p.index)}")
             for xy, names in labels.items():
-                ax.annotate(", ".join(names), xy, xytext=(6, 4), textcoords="offset points", fontsize=7, zorder=5)
+                ax.annotate(shared_label(names), xy, xytext=(6, 4), textcoords="offset points", fontsize=7,
+                            zorder=5)
             handles.append(Line2D([], [], color="black", linewidth=1.3, marker="o",
                                   markerfacecolor="white", markeredgecolor="black",
                                   markersize=8, markeredgewidth=1.4, label=FRONT_LABEL))
@@ -160,6 +161,16 @@ def plot_front_png(
     fig.savefig(out, format="png", bbox_inches="tight", pad_inches=0.1)
     logger.info("wrote Pareto-front plot %s (%d points, %d on front)", out, n_plotted, len(front))
     return out
+
+
+def shared_label(names: Sequence[str], shown: int = 3) -> str:
+    """One label for front trials with identical scores: "#3, #7", or past ``shown`` names
+    "#0, #5, #8 +37 more" -- a study that reruns one configuration (random search over a small
+    space) can put dozens of trials on one point, and their full list stretched the figure past
+    what matplotlib's layout can fit (the axes collapsed to nothing). The HTML plot names each."""
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} +{len(names) - shown} more"
 
 
 def _pad_limits(ax: Any, values: Sequence[tuple[float, float]]) -> None:
