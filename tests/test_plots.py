@@ -243,7 +243,9 @@ def test_plot_hypervolume_rejects_empty_sampler(tmp_path):
         plots.plot_hypervolume_png([0.1], tmp_path / "x.png", title="x", by_sampler={"tpe": []})
 
 
-def test_narrow_ranges_get_distinct_ticks_and_identical_scores_share_a_label(tmp_path, monkeypatch):
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures the plotting code saves, in order (for inspecting what was drawn)."""
     from matplotlib.figure import Figure
 
     figures = []
@@ -254,10 +256,14 @@ def test_narrow_ranges_get_distinct_ticks_and_identical_scores_share_a_label(tmp
         return real_savefig(self, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", capture)
+    return figures
+
+
+def test_narrow_ranges_get_distinct_ticks_and_identical_scores_share_a_label(tmp_path, saved_figures):
     # All clean accuracies within 1.5 points; trials 3 and 7 have identical scores, both on the front.
     recs = [_rec(1, 0.980, 0.10), _rec(3, 0.995, 0.05), _rec(7, 0.995, 0.05), _rec(9, 0.985, 0.02)]
     plots.plot_front_png(recs, tmp_path / "front.png", title="narrow")
-    (fig,) = figures
+    (fig,) = saved_figures
     fig.canvas.draw()
     ax = fig.axes[0]
     xticks = [t.get_text() for t in ax.xaxis.get_ticklabels() if t.get_text()]
@@ -273,27 +279,17 @@ def test_shared_label_names_up_to_four_then_counts_the_rest():
     assert plots.front.shared_label(["#1", "#2", "#3", "#4", "#9"]) == "#1, #2, #3 +2 more"
 
 
-def test_forty_trials_on_one_point_keep_the_figure_readable(tmp_path, monkeypatch):
+def test_forty_trials_on_one_point_keep_the_figure_readable(tmp_path, saved_figures):
     """bench load's 100-trial random search put 40 identical undefended trials on one front point;
     their full list of numbers made a 2,735-pixel-wide PNG whose axes matplotlib could not lay out."""
     import warnings
 
-    from matplotlib.figure import Figure
-
-    figures = []
-    real_savefig = Figure.savefig
-
-    def capture(self, *args, **kwargs):
-        figures.append(self)
-        return real_savefig(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", capture)
     recs = [_rec(n, 0.22, 0.025, defense="none") for n in range(40)] + [_rec(40, 0.20, 0.10)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plots.plot_front_png(recs, tmp_path / "front.png", title="many")
     assert not [w for w in caught if "constrained_layout" in str(w.message)], [str(w.message) for w in caught]
-    (fig,) = figures
+    (fig,) = saved_figures
     labels = [t.get_text() for t in fig.axes[0].texts]
     assert "#0, #1, #2 +37 more" in labels and "#40" in labels, labels
 
