@@ -35,7 +35,8 @@ needs_namespaces = pytest.mark.skipif(_REASON is not None, reason=f"two-host clu
 NUM_TRIALS = 4
 
 
-def cluster_spec(storage: Path, name: str, address: str | None, epochs: int = 2, **extra: Any) -> dict[str, Any]:
+def cluster_spec(storage: Path, name: str, address: str | None, epochs: int = 2, *, models: bool = False,
+                 **extra: Any) -> dict[str, Any]:
     spec = {
         "name": name,
         "data": {"name": "digits", "train_subset": 600},
@@ -55,9 +56,9 @@ def cluster_spec(storage: Path, name: str, address: str | None, epochs: int = 2,
         # One filesystem seen by both hosts: the shared storage a real cluster needs. MLflow's
         # SQLite store lives there too; only the driver writes it.
         "storage": str(storage),
-        # No MLflow model per trial (a third of a tiny trial's work) except in the job-submit
-        # test, where a worker host writes them into the shared storage for the driver.
-        "mlflow": {"log_models": False},
+        # As conftest's write_spec: no MLflow model per trial (a third of a tiny trial's work)
+        # unless ``models`` (the job-submit test: a worker host writes them into the shared storage).
+        "mlflow": {"log_models": models},
         **extra,
     }
     if address is not None:
@@ -113,7 +114,7 @@ def cluster() -> Iterator[TwoHostCluster]:
 def test_job_submit_runs_trials_on_both_hosts(cluster: TwoHostCluster, tmp_path: Path) -> None:
     storage = tmp_path / "shared"
     # No address in the spec: Ray gives the job's driver RAY_ADDRESS.
-    spec = write_spec(tmp_path, cluster_spec(storage, "jobstudy", None, mlflow={"log_models": True}))
+    spec = write_spec(tmp_path, cluster_spec(storage, "jobstudy", None, models=True))
     start = time.perf_counter()
     # The submitter is another machine on the cluster network: the worker host, reaching the head's
     # dashboard through the veth link, with the cluster's token. The job's driver runs on the head.

@@ -62,3 +62,14 @@ def test_every_flag_the_code_raises_is_explained_in_the_docs():
     explained = set(re.findall(r"^- \*\*(R\d+) —", doc, flags=re.M))
     assert raised <= in_table, f"flags missing from the table in docs/evaluation.md: {sorted(raised - in_table)}"
     assert raised <= explained, f"flags without an explanation in docs/evaluation.md: {sorted(raised - explained)}"
+
+
+def test_every_module_using_the_mlflow_server_shares_its_scheduling_scope() -> None:
+    """conftest's SHARED_SERVER_MODULES is written by hand; a new module using the session's
+    MLflow server (or its logged study) must be in it, or make test builds them twice again."""
+    from conftest import SHARED_SERVER_MODULES
+
+    tests = Path(__file__).resolve().parent
+    users = {f"tests/{f.name}" for f in tests.glob("test_*.py") if f.name != Path(__file__).name
+             and re.search(r"\b(mlflow_server|logged_study)\b", f.read_text())}
+    assert users == set(SHARED_SERVER_MODULES)
