@@ -13,7 +13,7 @@ from pydantic import Field
 
 from study.config import _Strict
 
-__all__ = ["AUTO_MIN_EPOCHS", "AUTO_MIN_TRIALS", "EARLY_STOPPING_RULES", "EarlyStopping", "EarlyStoppingConfig",
+__all__ = ["AUTO_MAX_TRIALS", "AUTO_MIN_EPOCHS", "AUTO_MIN_TRIALS", "EARLY_STOPPING_RULES", "EarlyStopping", "EarlyStoppingConfig",
            "decide_early_stopping", "milestones"]
 
 EARLY_STOPPING_RULES = ("mo_asha", "asha")
@@ -22,9 +22,14 @@ EARLY_STOPPING_RULES = ("mo_asha", "asha")
 #: search's front with 41 % of random's core-seconds, TPE alone 84 %; at 16 trials 56 % and 68 %. Once
 #: trials measured their per-epoch robust accuracy only at the rungs: 63 % and 68 % at 16 trials, 71 % and
 #: 71 % at 32, with a higher final front on every seed at the same compute.
-#: Fewer trials leave the rungs too few peers to rank, and shorter trials make the first rung
+#: At 64 trials of 9 epochs (the issue's reference size, 2026-12-06) it lost: TPE alone reached random
+#: search's 64-trial front with 30 % of its core-seconds, TPE + MO-ASHA not at all within 100 %, and
+#: ended lower on every seed. So auto stops at AUTO_MAX_TRIALS; between 33 and 63 trials it was not
+#: measured and stays off too.
+#: Fewer than 16 trials leave the rungs too few peers to rank, and shorter trials make the first rung
 #: most of a trial's cost: neither was measured, so auto leaves them alone.
 AUTO_MIN_TRIALS = 16
+AUTO_MAX_TRIALS = 32
 AUTO_MIN_EPOCHS = 6
 
 
@@ -34,8 +39,8 @@ class EarlyStoppingConfig(_Strict):
     short for ``{enabled: true, rule: mo_asha}`` (``enabled: auto``, ``enabled: false``)."""
 
     enabled: bool | Literal["auto"] = "auto"
-    """auto (default): on where it was measured to win (at least AUTO_MIN_TRIALS trials of at least
-    AUTO_MIN_EPOCHS epochs, epochs not searched), off elsewhere; see :func:`decide_early_stopping`."""
+    """auto (default): on where it was measured to win (AUTO_MIN_TRIALS to AUTO_MAX_TRIALS trials of at
+    least AUTO_MIN_EPOCHS epochs, epochs not searched), off elsewhere; see :func:`decide_early_stopping`."""
     rule: Literal[EARLY_STOPPING_RULES] = "mo_asha"  # type: ignore[valid-type]
     """mo_asha: rungs ranked by non-dominated sorting of the objectives on validation numbers (Schmucker
     et al. 2021) | asha: Ray Tune's single-metric ASHA on validation clean accuracy."""
@@ -74,6 +79,9 @@ def decide_early_stopping(config: EarlyStoppingConfig, num_trials: int, epochs: 
         on, why = False, "auto: epochs are searched, rungs would compare trials of different lengths"
     elif num_trials < AUTO_MIN_TRIALS:
         on, why = False, f"auto: {num_trials} trials, on from {AUTO_MIN_TRIALS}"
+    elif num_trials > AUTO_MAX_TRIALS:
+        on, why = False, (f"auto: {num_trials} trials, on up to {AUTO_MAX_TRIALS}; it lost to TPE alone at 64 "
+                          "(docs/benchmarks.md)")
     elif epochs < AUTO_MIN_EPOCHS:
         on, why = False, f"auto: {epochs} epochs per trial, on from {AUTO_MIN_EPOCHS}"
     else:

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from study.bench.overhead import bench_overhead, format_overhead, overhead_spec, sample_params
-from study.bench.search import bench_search, core_seconds_to_reach, format_search, search_spec, strategy_parts
+from study.bench.search import (
+    bench_search,
+    core_seconds_to_reach,
+    core_seconds_verdict,
+    format_search,
+    search_spec,
+    strategy_parts,
+)
 
 
 def test_overhead_configs_are_fixed_valid_and_seeded(tmp_path: Path) -> None:
@@ -79,6 +86,21 @@ def test_search_space_is_the_documented_cheap_one() -> None:
     assert spec.sampler.name == "nsga2" and spec.sampler.seed == 1
     assert set(spec.defenses) == {"kap", "cas"} and spec.include_baseline
     assert spec.search_training == {"lr": None, "adv_eps": None} and spec.training.recipe == "fast_at"
+
+
+def test_core_seconds_verdict_names_the_target_and_the_fastest_strategy() -> None:
+    # 2026-12-06's run at 64 trials: random 62 % of its own (the seeds' averaging), TPE 30 %,
+    # TPE + MO-ASHA not reached: the target (25 %) is missed and TPE is the fastest contender.
+    m = {"max_trials": 64, "core_seconds_ratio": {"random": 0.62, "tpe": 0.30, "tpe+mo_asha": None}}
+    assert core_seconds_verdict(m) == ("target: tpe+mo_asha within 25% of random@64's core-s: MISSED (not reached); "
+                                       "fewest core-s to random@64: tpe (30%)")
+    m["core_seconds_ratio"] = {"random": 0.88, "tpe": 0.71, "tpe+mo_asha": 0.25}
+    assert core_seconds_verdict(m).startswith("target: tpe+mo_asha within 25% of random@64's core-s: ok (25%)")
+    assert core_seconds_verdict(m).endswith("fewest core-s to random@64: tpe+mo_asha (25%)")
+    m["core_seconds_ratio"] = {"random": 0.9, "tpe": None, "tpe+mo_asha": 0.26}
+    assert core_seconds_verdict(m) == ("target: tpe+mo_asha within 25% of random@64's core-s: MISSED (26%); "
+                                       "fewest core-s to random@64: tpe+mo_asha (26%)")
+    assert core_seconds_verdict({"max_trials": 3, "core_seconds_ratio": {"random": 1.0, "tpe": 0.5}}) is None
 
 
 def test_core_seconds_to_reach_reads_the_mean_curve_over_seeds() -> None:
