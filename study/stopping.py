@@ -80,8 +80,8 @@ def decide_early_stopping(config: EarlyStoppingConfig, num_trials: int, epochs: 
     elif num_trials < AUTO_MIN_TRIALS:
         on, why = False, f"auto: {num_trials} trials, on from {AUTO_MIN_TRIALS}"
     elif num_trials > AUTO_MAX_TRIALS:
-        on, why = False, (f"auto: {num_trials} trials, on up to {AUTO_MAX_TRIALS}; it lost to TPE alone at 64 "
-                          "(docs/benchmarks.md)")
+        on, why = False, (f"auto: {num_trials} trials, on up to {AUTO_MAX_TRIALS}; bench search measured it "
+                          "losing to TPE alone at 64")
     elif epochs < AUTO_MIN_EPOCHS:
         on, why = False, f"auto: {epochs} epochs per trial, on from {AUTO_MIN_EPOCHS}"
     else:

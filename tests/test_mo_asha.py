@@ -189,7 +189,7 @@ def test_the_spec_selects_the_scheduler(tmp_path) -> None:
 @pytest.mark.parametrize(("trials", "epochs", "searched", "on", "grace", "why"), [
     (16, 6, None, True, 2, "auto: 16 trials of 6 epochs"),
     (32, 100, None, True, 33, "auto: 32 trials of 100 epochs"),
-    (33, 6, None, False, 2, "auto: 33 trials, on up to 32; it lost to TPE alone at 64"),
+    (33, 6, None, False, 2, "auto: 33 trials, on up to 32; bench search measured it losing to TPE alone at 64"),
     (64, 9, None, False, 3, "auto: 64 trials, on up to 32"),
     (200, 10, None, False, 3, "auto: 200 trials, on up to 32"),
     (15, 9, None, False, 3, "auto: 15 trials, on from 16"),
