@@ -173,6 +173,37 @@ def test_importance_finds_the_parameter_that_drives_an_objective(tmp_path: Path)
     assert "adv_eps" in format_importances(data, ["kap"], ["val_robust_accuracy"])
 
 
+def test_importance_counts_the_recipe_cas_sets_for_itself(tmp_path: Path):
+    # CAS is never asked for a recipe (it sets training.recipe from cas.recipe, fast_at in the demo)
+    # while every other defense searches it. Robust accuracy here follows the recipe the trial ran
+    # with and nothing else, so by hand the recipe explains all of its variance and the defense none.
+    # fANOVA compares only parameters every trial has: counting CAS's recipe as unknown, a single
+    # CAS trial used to leave the defense as the only parameter, with importance 1.0.
+    import optuna
+
+    from study.orchestration.importance import study_importances
+    from study.orchestration.searcher import optuna_storage_url
+
+    spec = _demo(storage=str(tmp_path), name="imp_cas")
+    space = spec.conditional_space()
+    spec.study_dir().mkdir(parents=True)
+    study = optuna.create_study(study_name="imp_cas", storage=optuna_storage_url(spec.study_dir()),
+                                directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    rng = __import__("random").Random(1)
+    ran = []
+    for _ in range(40):
+        t = study.ask()
+        params = space.suggest(t)
+        ran.append(params)
+        robust = 0.4 if params["training.recipe"] == "fast_at" else 0.0
+        study.tell(t, [0.95 + 0.001 * rng.random(), robust + 0.001 * rng.random()])
+    cas = [p for p in ran if p["defense"] == "cas"]
+    assert cas and all(p["training.recipe"] == "fast_at" for p in cas)
+    assert not any("training.recipe" in ft.params for ft in study.trials if ft.params["defense"] == "cas")
+    robust = study_importances(spec)["all defenses"]["val_robust_accuracy"]
+    assert robust["training.recipe"] >= 0.9 and robust["defense"] <= 0.1, robust
+
+
 def test_printed_answer_says_what_mattered_over_the_whole_study_first(tmp_path: Path, capsys):
     # The demo's lesson lives in the overall scope: with one or three trials per defense no defense
     # gets importances of its own, but over all trials the recipe drives robust accuracy.

@@ -47,6 +47,48 @@ def _importances(trials: list[Any], directions: list[str], objectives: list[str]
     return out
 
 
+def _as_run(trials: list[Any], spec: StudySpec) -> list[Any]:
+    """The trials with every parameter they ran with that other trials searched.
+
+    fANOVA compares only the parameters every trial has. A defense may set a parameter the others
+    search: CAS decides its own training recipe (``training.recipe`` follows ``cas.recipe``), so
+    Optuna never asked a CAS trial for one. Left out, a single trusted CAS trial drops the recipe
+    from the study-wide importances, and the defense gets all of robust accuracy's importance (a
+    demo run, 2026-12-06: "defense 1.00" where the recipe is what differs). The values come from
+    the study's space, as the trial's configuration was built; one that the searched distribution
+    cannot hold stays out (the parameter then drops out, as before)."""
+    import optuna
+    from optuna.trial import FixedTrial
+
+    searched: dict[str, Any] = {}
+    for t in trials:
+        for name, dist in t.distributions.items():
+            searched.setdefault(name, dist)
+    space = spec.conditional_space()
+    out = []
+    for t in trials:
+        try:
+            ran = space.suggest(FixedTrial(t.params))
+        except (ValueError, KeyError) as err:  # a trial of an older version of the space
+            log.info("importance: trial %d's parameters as run are unknown: %s", t.number, err)
+            out.append(t)
+            continue
+        params, dists = dict(t.params), dict(t.distributions)
+        for name, value in ran.items():
+            if name in params or name not in searched:
+                continue
+            dist = searched[name]
+            try:
+                holds = dist._contains(dist.to_internal_repr(value))
+            except ValueError:  # a category outside the searched choices
+                holds = False
+            if holds:
+                params[name], dists[name] = value, dist
+        out.append(optuna.trial.create_trial(params=params, distributions=dists, values=t.values,
+                                             state=optuna.trial.TrialState.COMPLETE))
+    return out
+
+
 def study_importances(spec: StudySpec) -> dict[str, Any]:
     """Importances per objective, for the study and for each defense (``{scope: {"trials": n,
     objective: {param: importance}}}``); empty when the Optuna study does not exist."""
@@ -57,7 +99,7 @@ def study_importances(spec: StudySpec) -> dict[str, Any]:
         study = optuna.load_study(study_name=spec.name, storage=optuna_storage_url(spec.study_dir()))
     except KeyError:
         return {}
-    done = study.get_trials(deepcopy=True, states=(optuna.trial.TrialState.COMPLETE,))
+    done = _as_run(study.get_trials(deepcopy=True, states=(optuna.trial.TrialState.COMPLETE,)), spec)
     # Optuna was told validation numbers: the keys say so (val_clean_accuracy, ...).
     objectives = [labelled(o, SEARCH_SPLIT) for o in spec.objectives]
     result: dict[str, Any] = {}
