@@ -170,7 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print(format_search(bench_search(seeds=args.seeds, max_trials=args.trials or 64, epochs=args.epochs or 9,
                                         budget_fraction=args.budget, early_trials=args.early_trials,
-                                        workers=args.workers)))
+                                        workers=args.workers, grace=args.grace)))
         return EXIT_OK
     if args.what == "evaluation":
         from study.bench.evaluation import bench_evaluation, format_evaluation
@@ -485,6 +485,8 @@ def build_parser() -> Parser:
                    "may spend, as a fraction of random search's over --trials trials (default 1.0)")
     p.add_argument("--early-trials", type=count, help="search: run each search with early stopping for this many "
                    "trials, beside the others from the start, instead of within --budget after random search")
+    p.add_argument("--grace", type=count, help="search: epochs before early stopping's first rung (default: a third "
+                   "of --epochs, as a study's)")
     p.add_argument("--workers", type=count, help="search: worker processes (default: one per core)")
     p.add_argument("--study", default="demo", help="evaluation: the name of a finished study (default demo)")
     p.add_argument("--storage", help="evaluation, load: results folder (default results)")

@@ -123,3 +123,25 @@ def test_search_strategies_name_a_sampler_and_an_early_stopping_rule() -> None:
     assert spec.stopping.enabled and spec.stopping.grace_epochs == 2  # a third of the epochs
     # A strategy without early stopping runs none, whatever the spec's auto would decide.
     assert not search_spec("tpe", 0, epochs=9).stopping.enabled
+
+
+def test_search_bench_first_rung_is_an_option_and_named_in_the_output() -> None:
+    from study import cli
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["bench", "search", "--grace", "4"]).grace == 4
+    assert parser.parse_args(["bench", "search"]).grace is None  # a third of the epochs, as a study's
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["bench", "search", "--grace", "0"])
+    assert exit_info.value.code == 2
+    # The summary of a run with an early-stopping row says where its first rung was.
+    strategies = ("random", "tpe", "tpe+mo_asha")
+    m = {"seeds": 3, "max_trials": 32, "epochs": 6, "grace": 4, "checkpoints": [32], "goal": 0.42,
+         "table": {s: {32: (0.5, 0.01)} for s in strategies}, "trials_to_reach_random": dict.fromkeys(strategies, 16),
+         "unit_core_seconds": 161.0, "core_seconds_to_reach_random": dict.fromkeys(strategies, 91.0),
+         "core_seconds_ratio": dict.fromkeys(strategies, 0.56), "trials_run": dict.fromkeys(strategies, 32.0),
+         "stopped": dict.fromkeys(strategies, 0), "untrusted": dict.fromkeys(strategies, 0),
+         "seconds": dict.fromkeys(strategies, 60.0)}
+    assert "early stopping's first rung at epoch 4 of 6" in format_search(m).splitlines()
+    without = {**m, "table": {s: m["table"][s] for s in strategies[:2]}}
+    assert "first rung" not in format_search(without)

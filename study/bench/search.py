@@ -246,6 +246,7 @@ def bench_search(seeds: int = 3, max_trials: int = 64, samplers: tuple[str, ...]
     }
     reach_cs = {s: core_seconds_to_reach([r for r in runs if r["sampler"] == s], goal) for s in samplers}
     return {"seeds": seeds, "max_trials": max_trials, "epochs": epochs, "checkpoints": checkpoints, "table": table,
+            "grace": search_spec(epochs=epochs, early_stopping="mo_asha", grace=grace).stopping.grace_epochs,
             "goal": goal, "trials_to_reach_random": to_reach, "unit_core_seconds": unit,
             "core_seconds_to_reach_random": reach_cs,
             "core_seconds_ratio": {s: (v / unit if v is not None else None) for s, v in reach_cs.items()},
@@ -296,6 +297,8 @@ def format_search(m: dict[str, Any]) -> str:
         lines.append(f"{s:<{width}}{m['trials_run'][s]:>12.1f}{m['stopped'][s]:>9}"
                      f"{(f'{cs:.0f}' if cs is not None else 'not reached'):>30}"
                      f"{(f'{ratio:.0%}' if ratio is not None else '-'):>24}")
+    if any(strategy_parts(s)[1] for s in m["table"]) and "grace" in m:
+        lines.append(f"early stopping's first rung at epoch {m['grace']} of {m['epochs']}")
     verdict = core_seconds_verdict(m)
     if verdict:
         lines.append(verdict)
