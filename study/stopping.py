@@ -26,8 +26,9 @@ EARLY_STOPPING_RULES = ("mo_asha", "asha")
 #: search's 64-trial front with 30 % of its core-seconds, TPE + MO-ASHA not at all within 100 %, and
 #: ended lower on every seed. So auto stops at AUTO_MAX_TRIALS; between 33 and 63 trials it was not
 #: measured and stays off too. (With the first rung at two thirds of the epochs instead of a third it
-#: tied TPE alone there, 31 % against 30 %: a rung still inside the one-cycle warm-up ranks on noise.
-#: Not the default: the 16- and 32-trial wins were measured with a third.)
+#: tied TPE alone there, 31 % against 30 %. Not the default: re-measured the same day at 6 epochs, the
+#: rung at two thirds lost at 32 trials, 63 % against TPE's 56 %, where a third won with 50 %, and at
+#: 16 trials both were within noise of TPE's 82 %: 77 % and 79 %. `bench search --grace` sets it.)
 #: Fewer than 16 trials leave the rungs too few peers to rank, and shorter trials make the first rung
 #: most of a trial's cost: neither was measured, so auto leaves them alone.
 AUTO_MIN_TRIALS = 16
