@@ -15,6 +15,7 @@ from study.bench.search import (
     format_search,
     search_spec,
     strategy_parts,
+    trials_verdict,
 )
 
 
@@ -145,3 +146,16 @@ def test_search_bench_first_rung_is_an_option_and_named_in_the_output() -> None:
     assert "early stopping's first rung at epoch 4 of 6" in format_search(m).splitlines()
     without = {**m, "table": {s: m["table"][s] for s in strategies[:2]}}
     assert "first rung" not in format_search(without)
+
+
+def test_trials_verdict_holds_the_default_sampler_to_half_of_randoms_trials() -> None:
+    # Issue 6's target: TPE reaches random search's 64-trial hypervolume in at most 32 trials.
+    # 2026-12-06 at 64 trials: 14 (ok); at 32 trials the limit is 16.
+    assert trials_verdict({"max_trials": 64, "trials_to_reach_random": {"random": 51, "tpe": 14}}) == (
+        "target: tpe reaches random@64's hypervolume within 32 trials: ok (14)")
+    assert trials_verdict({"max_trials": 64, "trials_to_reach_random": {"random": 51, "tpe": 33}}).endswith("MISSED (33)")
+    assert trials_verdict({"max_trials": 32, "trials_to_reach_random": {"random": 28, "tpe": 16}}).endswith(
+        "within 16 trials: ok (16)")
+    assert trials_verdict({"max_trials": 64, "trials_to_reach_random": {"random": 64, "tpe": None}}).endswith(
+        "MISSED (not reached)")
+    assert trials_verdict({"max_trials": 64, "trials_to_reach_random": {"random": 64, "nsga2": 20}}) is None

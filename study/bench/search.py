@@ -25,10 +25,10 @@ import time
 from typing import Any
 
 from study.bench.pool import spawn_pool
-from study.spec import StudySpec, bench_spec, trial_config_for
+from study.spec import SamplerConfig, StudySpec, bench_spec, trial_config_for
 
 __all__ = ["SAMPLERS", "STRATEGIES", "bench_search", "core_seconds_to_reach", "core_seconds_verdict", "format_search",
-           "search_spec"]
+           "search_spec", "trials_verdict"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,10 @@ SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "random")
 STRATEGIES: tuple[str, ...] = ("random", "tpe", "tpe+mo_asha")
 CHECKPOINTS: tuple[int, ...] = (8, 16, 32, 64)
 REFERENCE: tuple[float, float] = (0.0, 0.0)
-#: Issue 6's target: the default sampler reaches random search's 64-trial hypervolume in <= 32.
-TRIALS_TARGET = 32
+#: Issue 6's target: the default sampler reaches random search's 64-trial hypervolume in <= 32 trials,
+#: i.e. within half of random's trials (checked at whatever --trials a run uses).
+TRIALS_TARGET_FRACTION = 0.5
+DEFAULT_SAMPLER: str = SamplerConfig().name  # the sampler a study uses unless its spec names one
 #: Issue 17's target: TPE + MO-ASHA reaches random search's hypervolume with <= 25 % of its core-seconds.
 CORE_SECONDS_TARGET = 0.25
 EARLY_STOPPING_STRATEGY = "tpe+mo_asha"
@@ -257,6 +259,17 @@ def bench_search(seeds: int = 3, max_trials: int = 64, samplers: tuple[str, ...]
             "runs": runs}
 
 
+def trials_verdict(m: dict[str, Any]) -> str | None:
+    """The default sampler's trials to reach random search's front against issue 6's target (None
+    when the run has no such row)."""
+    if DEFAULT_SAMPLER not in m["trials_to_reach_random"]:
+        return None
+    n, limit = m["trials_to_reach_random"][DEFAULT_SAMPLER], max(1, int(m["max_trials"] * TRIALS_TARGET_FRACTION))
+    ok = n is not None and n <= limit
+    return (f"target: {DEFAULT_SAMPLER} reaches random@{m['max_trials']}'s hypervolume within {limit} trial{'s' * (limit != 1)}: "
+            f"{'ok' if ok else 'MISSED'} ({n if n is not None else 'not reached'})")
+
+
 def core_seconds_verdict(m: dict[str, Any]) -> str | None:
     """The early-stopping row against issue 17's target, and which strategy reached random search's
     front with the fewest core-seconds (None without an early-stopping row)."""
@@ -286,6 +299,9 @@ def format_search(m: dict[str, Any]) -> str:
         cells = "".join(f"{row[c][0]:>9.4f} ± {row[c][1]:.3f}" for c in cps)
         lines.append(f"{s:<{width}}{cells}{(str(reach) if reach else 'not reached'):>28}")
     lines.append(f"random search's mean hypervolume after {m['max_trials']} trials: {m['goal']:.4f}")
+    verdict = trials_verdict(m)
+    if verdict:
+        lines.append(verdict)
     unit = m["unit_core_seconds"]
     lines.append("")
     head = (f"{'sampler':<{width}}{'trials run':>12}{'stopped':>9}{'core-s to reach random@' + str(m['max_trials']):>30}"
