@@ -146,6 +146,11 @@ def test_search_bench_first_rung_is_an_option_and_named_in_the_output() -> None:
     assert "early stopping's first rung at epoch 4 of 6" in format_search(m).splitlines()
     without = {**m, "table": {s: m["table"][s] for s in strategies[:2]}}
     assert "first rung" not in format_search(without)
+    # A rung at or past the last epoch is refused before any search runs (no pool is started).
+    from study.config import ConfigError
+
+    with pytest.raises(ConfigError, match="grace_epochs 7 is not below training.epochs 6"):
+        bench_search(seeds=1, max_trials=2, epochs=6, grace=7, workers=1)
 
 
 def test_trials_verdict_holds_the_default_sampler_to_half_of_randoms_trials() -> None:

@@ -233,3 +233,28 @@ def test_written_early_stopping_wins_over_auto_and_auto_decides_again_on_new_tri
     for name in ("demo", "reproduce_kap", "reproduce_kaf"):
         stopping = load_spec(name).stopping
         assert not stopping.enabled and stopping.why == "set in the spec", name
+
+
+@pytest.mark.parametrize(("epochs", "early_stopping", "needle"), [
+    (6, {"enabled": True, "grace_epochs": 6}, "grace_epochs 6 is not below training.epochs 6, so no trial could be "
+                                              "stopped; allowed: 1 to 5 (or early_stopping: off)"),
+    (6, {"enabled": "auto", "grace_epochs": 9}, "grace_epochs 9 is not below training.epochs 6"),
+    (1, "mo_asha", "early stopping needs at least 2 epochs to stop anything (training.epochs is 1); allowed: "
+                   "training.epochs >= 2, or early_stopping: off"),
+])
+def test_a_first_rung_at_or_after_the_last_epoch_is_one_clear_error(tmp_path, epochs, early_stopping, needle) -> None:
+    # milestones(grace, rf, last) keeps rungs strictly below the last epoch: with grace >= epochs
+    # there are none, and the early stopping the spec asks for would silently stop nothing.
+    from study.config import ConfigError
+    from study.spec import parse_spec
+
+    assert milestones(6, 3, 6) == [] and milestones(5, 3, 6) == [5]
+    base = {"name": "s", "defenses": ["kap"], "num_trials": 16, "storage": str(tmp_path)}
+    with pytest.raises(ConfigError) as error:
+        parse_spec({**base, "training": {"epochs": epochs}, "early_stopping": early_stopping})
+    assert needle in str(error.value) and "\n" not in str(error.value)
+    # The largest rung that can stop a trial is accepted; so are auto's default rung and off.
+    assert parse_spec({**base, "training": {"epochs": 6}, "early_stopping": {"enabled": True, "grace_epochs": 5}}
+                      ).stopping.grace_epochs == 5
+    assert not parse_spec({**base, "training": {"epochs": 1}}).stopping.enabled
+    assert not parse_spec({**base, "training": {"epochs": 1}, "early_stopping": "off"}).stopping.enabled

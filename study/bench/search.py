@@ -206,6 +206,10 @@ def bench_search(seeds: int = 3, max_trials: int = 64, samplers: tuple[str, ...]
     if "random" not in samplers:
         raise ValueError("bench search needs random search: it sets the goal")
     stopping = [s for s in samplers if strategy_parts(s)[1]]
+    # The early-stopping spec is checked before any search runs (a --grace at or past the last
+    # epoch is one line up front, not an error after random search's minutes).
+    rung = (search_spec(epochs=epochs, early_stopping="mo_asha", grace=grace, reduction_factor=reduction_factor)
+            .stopping.grace_epochs if stopping else None)
     first = [(s, seed) for s in samplers if s not in stopping for seed in range(seeds)]
     first.sort(key=lambda job: job[0] != "random")  # random first: the others' budget waits on it
     later = [(s, seed) for s in stopping for seed in range(seeds)]
@@ -248,7 +252,7 @@ def bench_search(seeds: int = 3, max_trials: int = 64, samplers: tuple[str, ...]
     }
     reach_cs = {s: core_seconds_to_reach([r for r in runs if r["sampler"] == s], goal) for s in samplers}
     return {"seeds": seeds, "max_trials": max_trials, "epochs": epochs, "checkpoints": checkpoints, "table": table,
-            "grace": search_spec(epochs=epochs, early_stopping="mo_asha", grace=grace).stopping.grace_epochs,
+            "grace": rung,
             "goal": goal, "trials_to_reach_random": to_reach, "unit_core_seconds": unit,
             "core_seconds_to_reach_random": reach_cs,
             "core_seconds_ratio": {s: (v / unit if v is not None else None) for s, v in reach_cs.items()},
