@@ -94,13 +94,16 @@ def test_core_seconds_verdict_names_the_target_and_the_fastest_strategy() -> Non
     # TPE + MO-ASHA not reached: the target (25 %) is missed and TPE is the fastest contender.
     m = {"max_trials": 64, "core_seconds_ratio": {"random": 0.62, "tpe": 0.30, "tpe+mo_asha": None}}
     assert core_seconds_verdict(m) == ("target: tpe+mo_asha within 25% of random@64's core-s: MISSED (not reached); "
-                                       "fewest core-s to random@64: tpe (30%)")
+                                       "fewest core-s to random@64: tpe (30.0%)")
     m["core_seconds_ratio"] = {"random": 0.88, "tpe": 0.71, "tpe+mo_asha": 0.25}
-    assert core_seconds_verdict(m).startswith("target: tpe+mo_asha within 25% of random@64's core-s: ok (25%)")
-    assert core_seconds_verdict(m).endswith("fewest core-s to random@64: tpe+mo_asha (25%)")
+    assert core_seconds_verdict(m).startswith("target: tpe+mo_asha within 25% of random@64's core-s: ok (25.0%)")
+    assert core_seconds_verdict(m).endswith("fewest core-s to random@64: tpe+mo_asha (25.0%)")
+    # 2026-12-06's 64 x 6 run: 72 of 285 core-s is 25.3 %, a miss that must not print as 25 %.
+    m["core_seconds_ratio"] = {"random": 0.88, "tpe": 0.30, "tpe+mo_asha": 72 / 285}
+    assert "MISSED (25.3%)" in core_seconds_verdict(m)
     m["core_seconds_ratio"] = {"random": 0.9, "tpe": None, "tpe+mo_asha": 0.26}
-    assert core_seconds_verdict(m) == ("target: tpe+mo_asha within 25% of random@64's core-s: MISSED (26%); "
-                                       "fewest core-s to random@64: tpe+mo_asha (26%)")
+    assert core_seconds_verdict(m) == ("target: tpe+mo_asha within 25% of random@64's core-s: MISSED (26.0%); "
+                                       "fewest core-s to random@64: tpe+mo_asha (26.0%)")
     assert core_seconds_verdict({"max_trials": 3, "core_seconds_ratio": {"random": 1.0, "tpe": 0.5}}) is None
 
 
