@@ -21,7 +21,7 @@ EARLY_STOPPING_RULES = ("mo_asha", "asha")
 #: (3 seeds; docs/benchmarks.md, *Early stopping*). Trials of 6 epochs, first rung at epoch 2, all
 #: measured on 2026-12-06 against TPE alone, as a share of random search's core-seconds to reach its
 #: front: 16 trials 79 % against 82 %, 32 trials 50 % against 56 %, 48 trials 27 % against 43 %, 64
-#: trials 25 % against 30 % (earlier days at 16 and 32: wins and one tie). At 64 trials of 9 epochs,
+#: trials 25.3 % against 30 % (earlier days at 16 and 32: wins and one tie). At 64 trials of 9 epochs,
 #: first rung at epoch 3, it lost: TPE alone 30 %, TPE + MO-ASHA not within 100 % and a lower final
 #: front on every seed. With the rung at two thirds of 9 epochs it tied (31 %), and two thirds of 6
 #: epochs lost at 32 trials (63 %), so the rung stays at a third and auto stays off from 9 epochs: the
