@@ -321,18 +321,19 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _first_rung_before_the_last_epoch(self) -> StudySpec:
-        # A rung at or after a trial's last epoch stops nothing: early stopping written into the spec
-        # would silently do nothing. (auto with the default rung is off below AUTO_MIN_EPOCHS anyway.)
+        # Early stopping written into the spec whose rungs (the scheduler's own milestones) all lie at
+        # or after the last epoch would silently stop nothing. (auto with the default rung is off
+        # below AUTO_MIN_EPOCHS anyway.)
         es, epochs = self.early_stopping, self.training.epochs
         if es.enabled is False or "epochs" in self.search_training:
             return self
         if es.grace_epochs is None and es.enabled == "auto":
             return self
-        grace = es.grace_epochs or max(1, epochs // 3)
+        grace = self.stopping.grace_epochs  # the written rung or the default, as the study runs it
         if epochs < 2:
             raise ValueError("early stopping needs at least 2 epochs to stop anything (training.epochs is 1); "
                              "allowed: training.epochs >= 2, or early_stopping: off")
-        if grace >= epochs:
+        if not milestones(grace, es.reduction_factor, epochs):
             raise ValueError(f"early_stopping.grace_epochs {grace} is not below training.epochs {epochs}, so no trial "
                              f"could be stopped; allowed: 1 to {epochs - 1} (or early_stopping: off)")
         return self

@@ -79,8 +79,10 @@ def _as_run(trials: list[Any], spec: StudySpec) -> list[Any]:
                 continue
             dist = searched[name]
             try:
+                # Optuna's own membership test (private: it has no public one). If a later Optuna
+                # renames it, the value stays out as before this fix; the study's end must not fail.
                 holds = dist._contains(dist.to_internal_repr(value))
-            except ValueError:  # a category outside the searched choices
+            except (ValueError, AttributeError):  # a category outside the searched choices
                 holds = False
             if holds:
                 params[name], dists[name] = value, dist
